@@ -1,0 +1,48 @@
+# ploop-csi developer entry points. `make test` is what CI runs (.ci/run).
+GO        ?= go
+BIN       := bin
+STATICCHECK_VERSION := v0.8.2
+# Per-target fuzzing time inside `make test`; run longer by hand with
+# `go test -run='^$$' -fuzz=FuzzName ./pkg/...`.
+FUZZTIME  ?= 5s
+# Extra flags for the VM harness, e.g. PLOOP_VM_MEM=4096.
+CMD       ?= uname -a
+
+.PHONY: all build test unit fuzz-short lint bench demo vm clean deps
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+# Everything CI proves: lint, unit + interop tests on the host, short fuzzing,
+# and the kernel-facing tests, which boot a VM from test/e2e.
+test: lint unit fuzz-short
+
+unit:
+	$(GO) test -count=1 -timeout 40m ./...
+
+fuzz-short:
+	./test/fuzz.sh $(FUZZTIME)
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null; git ls-files --others --exclude-standard '*.go' 2>/dev/null)); \
+	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION) ./...
+
+bench:
+	./test/bench/run.sh
+
+demo: build
+	./test/demo.sh
+
+# Run one command as root inside the test VM (real kernel with nbd and quota).
+vm: build
+	$(GO) run ./test/e2e/cmd/vmrun -- sh -c '$(CMD)'
+
+deps:
+	./.ci/deps
+
+clean:
+	rm -rf $(BIN)
