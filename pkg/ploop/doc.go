@@ -1,0 +1,53 @@
+// Package ploop reads and writes ploop images: the thin disk image format of
+// OpenVZ/Virtuozzo ploop, which QEMU calls "parallels".
+//
+// An image (one delta) is a 64-byte header, a block allocation table (BAT)
+// and data clusters. The virtual disk is cut into clusters (1 MiB by
+// default); BAT entry i says where virtual cluster i lives in the file, or 0
+// when it is not allocated and reads as zeros. New clusters are appended to
+// the file. Crash consistency follows ploop and QEMU: a cluster's data is
+// written before its BAT entry, BAT entries reach the disk only at Flush
+// (after an fsync of the data), the header carries an in-use mark while the
+// image is open for writing, and an image found with that mark set must be
+// checked and repaired before it is written again.
+//
+// Raw is a plain raw file with the same methods, so both can be served as a
+// block device. All file I/O goes through the small storage layer in
+// storage.go (pread/pwrite, fdatasync, hole punching, optional O_DIRECT).
+package ploop
+
+// OpenOptions select how an image file is opened.
+type OpenOptions struct {
+	// ReadOnly refuses writes; the file is opened O_RDONLY and the
+	// in-use mark is left alone.
+	ReadOnly bool
+	// Direct opens the file with O_DIRECT, bypassing the host page cache
+	// (the guest filesystem has its own); the filesystem must support it.
+	Direct bool
+}
+
+// Disk is what Image and Raw both offer: a virtual disk of Size bytes that
+// knows which of its ranges are allocated. It is the shape a block-device
+// server needs, and what a stack of deltas will use for its base.
+type Disk interface {
+	Size() int64
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every completed write durable.
+	Flush() error
+	// Discard deallocates what it can of the range; it reads back zeros.
+	Discard(off, length int64) error
+	// WriteZeroes makes the range read as zeros; noHole keeps it
+	// allocated.
+	WriteZeroes(off, length int64, noHole bool) error
+	// Extent reports the run of equally allocated bytes at off: its
+	// length n (0 < n <= length) and whether it is allocated.
+	Extent(off, length int64) (n int64, allocated bool, err error)
+	ReadOnly() bool
+	Close() error
+}
+
+var (
+	_ Disk = (*Image)(nil)
+	_ Disk = (*Raw)(nil)
+)
