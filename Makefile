@@ -5,7 +5,8 @@ STATICCHECK_VERSION := v0.8.2
 # Per-target fuzzing time inside `make test`; run longer by hand with
 # `go test -run='^$$' -fuzz=FuzzName ./pkg/...`.
 FUZZTIME  ?= 5s
-# Extra flags for the VM harness, e.g. PLOOP_VM_MEM=4096.
+# The command `make vm` runs in the test VM. The VM is tuned by environment:
+# PLOOP_CSI_VM_MEM=4096 (MiB), PLOOP_CSI_VM_CPUS=2, PLOOP_CSI_VM_ACCEL=tcg|kvm.
 CMD       ?= uname -a
 
 .PHONY: all build test unit fuzz-short lint bench demo vm clean deps
@@ -37,9 +38,13 @@ bench:
 demo: build
 	./test/demo.sh
 
-# Run one command as root inside the test VM (real kernel with nbd and quota).
+# Run one command as root inside the test VM (real kernel with nbd and quota);
+# vmrun exits with the command's status (make reports it as "Error N"; 125 means
+# the harness itself failed).
+vm: export VMRUN_CMD = $(CMD)
 vm: build
-	$(GO) run ./test/e2e/cmd/vmrun -- sh -c '$(CMD)'
+	$(GO) build -o $(BIN)/vmrun ./test/e2e/cmd/vmrun
+	$(BIN)/vmrun -- sh -c "$$VMRUN_CMD"
 
 deps:
 	./.ci/deps
