@@ -27,6 +27,23 @@ const (
 func verbs() map[string]verb {
 	return map[string]verb{
 		// Each verb lives in its own file; add new ones here.
+		"create":  {"create an empty ploop image", runCreate},
+		"info":    {"show an image's size, geometry and allocation", runInfo},
+		"check":   {"check (and --repair) an image's consistency", runCheck},
+		"convert": {"copy an image between raw and ploop formats", runConvert},
+		"map":     {"list the allocated ranges of an image", runMap},
+
+		"init":            {"create a ploop stack directory (DiskDescriptor.xml + root.hds)", runInit},
+		"snapshot":        {"snapshot a stack directory (prints the GUID)", runSnapshot},
+		"snapshot-list":   {"list the snapshots (deltas) of a stack directory", runSnapshotList},
+		"snapshot-delete": {"delete a snapshot by merging its delta", runSnapshotDelete},
+		"clone":           {"make a new stack directory from a snapshot", runClone},
+		"flatten":         {"copy shared clusters into a stack's own delta", runFlatten},
+		"grow":            {"grow the virtual disk of a stack directory", runGrow},
+
+		"serve":  {"serve an image over NBD (unix socket or TCP)", runServe},
+		"attach": {"serve an image to a kernel /dev/nbdN, optionally mounted", runAttach},
+		"detach": {"stop the attach serving /dev/nbdN", runDetach},
 	}
 }
 

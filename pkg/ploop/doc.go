@@ -11,6 +11,16 @@
 // image is open for writing, and an image found with that mark set must be
 // checked and repaired before it is written again.
 //
+// A Stack (stack.go) is a directory in OpenVZ's layout: DiskDescriptor.xml
+// (descriptor.go) lists a chain of deltas, the base possibly raw. Reads fall
+// through the chain, writes go to the top delta with whole-cluster copy-up.
+// Snapshots freeze the top in O(1); deleting a snapshot merges its delta
+// into the one above; clones share a snapshot's deltas by hard link, the
+// link count being the on-disk reference count (snapshot.go). Every
+// descriptor change is atomic (tmp, fsync, rename, fsync dir) and ordered
+// after the data it refers to, so RepairStack (stackcheck.go) returns an
+// interrupted operation's stack to the state before or after it.
+//
 // Raw is a plain raw file with the same methods, so both can be served as a
 // block device. All file I/O goes through the small storage layer in
 // storage.go (pread/pwrite, fdatasync, hole punching, optional O_DIRECT).

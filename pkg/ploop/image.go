@@ -56,7 +56,12 @@ type Image struct {
 
 	clusterLocks [clusterLockStripes]sync.Mutex
 	flushMu      sync.Mutex
-	closed       bool
+	// writeThroughMu orders the write-through of BAT blocks (publish), so
+	// the last copy written of a block is its newest state; writeThroughBuf
+	// is the copy, reused under the lock.
+	writeThroughMu  sync.Mutex
+	writeThroughBuf []byte
+	closed          bool
 }
 
 // CreateOptions describe a new image.
@@ -367,9 +372,32 @@ func (img *Image) allocate(pos int64, p []byte) error {
 			return err
 		}
 	}
+	return img.publish(i, host)
+}
+
+// publish sets the BAT entry of virtual cluster i (0 = unallocated) and
+// writes its BAT block through to the file, without fsync. A client such as
+// the kernel treats a completed write as done; if this process dies before
+// the next Flush, the restarted server must still find the cluster, and the
+// page cache outlives the process. A power loss before Flush may persist the
+// entry before the data, which then reads as the zeros a freshly reserved
+// cluster holds: an unflushed write lost, never another cluster's data.
+func (img *Image) publish(i, host int64) error {
 	img.mu.Lock()
 	img.setEntry(i, host)
 	img.mu.Unlock()
+	b := (HeaderSize + 4*i) / metaBlock
+	img.writeThroughMu.Lock()
+	defer img.writeThroughMu.Unlock()
+	img.mu.RLock()
+	start := b * metaBlock
+	end := min(start+metaBlock, int64(len(img.meta)))
+	img.writeThroughBuf = append(img.writeThroughBuf[:0], img.meta[start:end]...)
+	img.mu.RUnlock()
+	// The block stays dirty: Flush writes it again after the data's fsync.
+	if _, err := img.s.WriteAt(img.writeThroughBuf, start); err != nil {
+		return fmt.Errorf("write BAT block %d of %s: %w", b, img.path, err)
+	}
 	return nil
 }
 
@@ -489,18 +517,15 @@ func (img *Image) zeroCluster(i, within, n int64, noHole bool) error {
 		if err := img.s.ZeroRange(host, img.cs); err != nil {
 			return err
 		}
-		img.mu.Lock()
-		img.setEntry(i, host)
-		img.mu.Unlock()
-		return nil
+		return img.publish(i, host)
 	case noHole:
 		return img.s.ZeroRange(host+within, n)
 	case within == 0 && (n == img.cs || i*img.cs+n == img.size):
 		// The whole cluster (the last one may be partly past the end of
 		// the disk). Unpublish first so that no new reader is sent to the hole.
-		img.mu.Lock()
-		img.setEntry(i, 0)
-		img.mu.Unlock()
+		if err := img.publish(i, 0); err != nil {
+			return err
+		}
 		return img.s.PunchHole(host, img.cs)
 	default:
 		return img.s.PunchHole(host+within, n)

@@ -394,7 +394,12 @@ type blockingStorage struct {
 }
 
 func (b *blockingStorage) WriteAt(p []byte, off int64) (int, error) {
-	b.entered <- struct{}{}
+	// Once released, writes (such as an allocation's BAT write-through)
+	// pass without announcing themselves.
+	select {
+	case b.entered <- struct{}{}:
+	case <-b.release:
+	}
 	<-b.release
 	return b.storage.WriteAt(p, off)
 }

@@ -1,0 +1,31 @@
+package main
+
+import (
+	"io"
+
+	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+)
+
+func runGrow(args []string, stdout, stderr io.Writer) int {
+	fs := newVerbFlags("grow", "-s SIZE DIR",
+		"Grows the virtual disk of the stack in DIR (which must not be in use) to SIZE. Only the top delta\n"+
+			"changes; snapshots keep their size. Growing so far that the BAT would reach the data clusters\n"+
+			"(past 256 GiB with 1 MiB clusters) is not supported yet.", stderr)
+	var size sizeFlag
+	fs.Var(&size, "s", "new virtual disk `SIZE` (rounded up to 512 bytes)")
+	fs.Var(&size, "size", "same as -s")
+	pos, code, ok := parseVerbArgs(fs, args)
+	if !ok {
+		return code
+	}
+	if len(pos) != 1 {
+		return usageError(fs, stderr, "need exactly one DIR")
+	}
+	if !size.set || size.n <= 0 {
+		return usageError(fs, stderr, "-s SIZE is required and must be positive")
+	}
+	if err := ploop.GrowStack(pos[0], size.n); err != nil {
+		return failf(stderr, "grow", err)
+	}
+	return exitOK
+}

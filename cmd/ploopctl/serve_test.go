@@ -1,0 +1,198 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+)
+
+var (
+	serveBinOnce sync.Once
+	serveBin     string
+	serveBinErr  error
+)
+
+// servePloopctl builds ploopctl once per test run: serve is tested as a
+// separate process because it reacts to signals.
+func servePloopctl(t *testing.T) string {
+	t.Helper()
+	serveBinOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "ploopctl-serve-test-")
+		if err != nil {
+			serveBinErr = err
+			return
+		}
+		serveBin = filepath.Join(dir, "ploopctl")
+		out, err := exec.Command("go", "build", "-o", serveBin, ".").CombinedOutput()
+		if err != nil {
+			serveBinErr = err
+			serveBin = string(out)
+		}
+	})
+	if serveBinErr != nil {
+		t.Fatalf("build ploopctl: %v\n%s", serveBinErr, serveBin)
+	}
+	return serveBin
+}
+
+func serveNeed(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is required for this test (Debian: qemu-utils, libnbd-bin): %v", tool, err)
+		}
+	}
+}
+
+func serveRun(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// startServe runs `ploopctl serve args...` and returns the URI it prints
+// and a stop function that sends SIGTERM and returns the exit code.
+func startServe(t *testing.T, args ...string) (uri string, stop func() int) {
+	t.Helper()
+	cmd := exec.Command(servePloopctl(t), append([]string{"serve"}, args...)...)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		cmd.Wait()
+		t.Fatalf("ploopctl serve printed no URI: %v\nstderr: %s", err, stderr.String())
+	}
+	stopped := false
+	stop = func() int {
+		stopped = true
+		cmd.Process.Signal(syscall.SIGTERM)
+		go io.Copy(io.Discard, out)
+		err := cmd.Wait()
+		if stderr.Len() > 0 {
+			t.Logf("ploopctl serve stderr: %s", stderr.String())
+		}
+		if ee, ok := err.(*exec.ExitError); ok {
+			return ee.ExitCode()
+		}
+		return 0
+	}
+	t.Cleanup(func() {
+		if !stopped {
+			stop()
+		}
+	})
+	return strings.TrimSpace(line), stop
+}
+
+func TestServePloopImage(t *testing.T) {
+	serveNeed(t, "qemu-img", "qemu-io", "nbdinfo")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.hds")
+	serveRun(t, "qemu-img", "create", "-f", "parallels", img, "64M")
+	sock := filepath.Join(dir, "s.sock")
+	uri, stop := startServe(t, "--socket", sock, "--export", "vol", img)
+	if want := "nbd+unix:///vol?socket=" + sock; uri != want {
+		t.Fatalf("URI %q, want %q", uri, want)
+	}
+	if fi, err := os.Stat(sock); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode: %v %v", fi.Mode(), err)
+	}
+	info := serveRun(t, "nbdinfo", "--json", uri)
+	if !strings.Contains(info, `"export-size": 67108864`) || !strings.Contains(info, `"export-name": "vol"`) {
+		t.Errorf("nbdinfo --json:\n%s", info)
+	}
+	serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x7e 3M 1M", "-c", "flush", uri)
+	m := serveRun(t, "nbdinfo", "--map", uri)
+	if !strings.Contains(m, "3145728     1048576    0  data") && !strings.Contains(strings.Join(strings.Fields(m), " "), "3145728 1048576 0 data") {
+		t.Errorf("nbdinfo --map does not show the written cluster as data:\n%s", m)
+	}
+	if code := stop(); code != 0 {
+		t.Fatalf("ploopctl serve exited %d after SIGTERM", code)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left behind: %v", err)
+	}
+	// Closed cleanly: qemu-img finds no problems and reads the data.
+	serveRun(t, "qemu-img", "check", "-f", "parallels", img)
+	serveRun(t, "qemu-io", "-f", "parallels", "-r", "-c", "read -P 0x7e 3M 1M", "-c", "read -P 0 0 3M", img)
+}
+
+func TestServeRawTCPReadOnly(t *testing.T) {
+	serveNeed(t, "qemu-io", "nbdinfo")
+	raw := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(raw, bytes.Repeat([]byte{0x11}, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	uri, stop := startServe(t, "--listen", ":0", "--read-only", raw)
+	if !strings.HasPrefix(uri, "nbd://127.0.0.1:") || !strings.HasSuffix(uri, "/disk.raw") {
+		t.Fatalf("URI %q: want loopback TCP and the file name as export", uri)
+	}
+	info := serveRun(t, "nbdinfo", "--json", uri)
+	if !strings.Contains(info, `"is_read_only": true`) || !strings.Contains(info, `"export-size": 1048576`) {
+		t.Errorf("nbdinfo --json:\n%s", info)
+	}
+	serveRun(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x11 0 1M", uri)
+	out, err := exec.Command("qemu-io", "-f", "raw", "-c", "write 0 4k", uri).CombinedOutput()
+	if err == nil && !strings.Contains(string(out), "denied") && !strings.Contains(string(out), "not permitted") {
+		t.Errorf("write to a read-only export succeeded:\n%s", out)
+	}
+	if code := stop(); code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+}
+
+func TestServeUsage(t *testing.T) {
+	tests := []struct {
+		args []string
+		want int
+	}{
+		{[]string{"serve"}, exitUsage},
+		{[]string{"serve", "--help"}, exitOK},
+		{[]string{"serve", "x"}, exitUsage},
+		{[]string{"serve", "--socket", "a", "--listen", ":1", "x"}, exitUsage},
+		{[]string{"serve", "--socket", "/nonexistent/s", "/nonexistent/img"}, exitFail},
+		{[]string{"attach"}, exitUsage},
+		{[]string{"attach", "--help"}, exitOK},
+		{[]string{"attach", "--connections", "0", "x"}, exitUsage},
+		{[]string{"attach", "--device", "/dev/sda", "x"}, exitUsage},
+		{[]string{"detach"}, exitUsage},
+		{[]string{"detach", "--help"}, exitOK},
+		{[]string{"detach", "/dev/loop0"}, exitUsage},
+	}
+	for _, tc := range tests {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			var out, errb bytes.Buffer
+			if got := run(tc.args, &out, &errb); got != tc.want {
+				t.Errorf("exit %d, want %d; stderr: %s", got, tc.want, errb.String())
+			}
+		})
+	}
+}
+
+func TestLoopbackDefault(t *testing.T) {
+	for in, want := range map[string]string{":10809": "127.0.0.1:10809", "[::1]:5": "[::1]:5", "0.0.0.0:7": "0.0.0.0:7"} {
+		if got, err := loopbackDefault(in); err != nil || got != want {
+			t.Errorf("loopbackDefault(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := loopbackDefault("nonsense"); err == nil {
+		t.Error("loopbackDefault accepted an address without a port")
+	}
+}

@@ -1,0 +1,786 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+
+	"k8s.io/klog/v2"
+)
+
+// Export is one named block device a Server offers.
+type Export struct {
+	Name        string
+	Description string
+	Backend     Backend
+	// ReadOnly refuses writes even when the backend accepts them.
+	ReadOnly bool
+}
+
+func (e *Export) readOnly() bool { return e.ReadOnly || e.Backend.ReadOnly() }
+
+// transmissionFlags are the flags announced for the export; the kernel
+// needs the same value in CONNECT's server flags.
+func (e *Export) transmissionFlags() uint16 {
+	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagCanMultiConn)
+	if e.readOnly() {
+		return f | tflagReadOnly
+	}
+	return f | tflagSendTrim | tflagSendWriteZeroes | tflagSendFastZero
+}
+
+// Server serves a fixed set of exports. The first export is the default,
+// chosen by clients that ask for the empty name. A Server holds no
+// per-connection state and may serve any number of connections at once.
+type Server struct {
+	exports []*Export
+	// maxInFlight bounds the requests one connection runs concurrently.
+	maxInFlight int
+	bufs        bufPool
+}
+
+// NewServer checks the exports and returns a server for them.
+func NewServer(exports ...Export) (*Server, error) {
+	if len(exports) == 0 {
+		return nil, errors.New("nbd: no exports")
+	}
+	s := &Server{maxInFlight: 64}
+	seen := map[string]bool{}
+	for i := range exports {
+		e := exports[i]
+		if e.Backend == nil {
+			return nil, fmt.Errorf("nbd: export %q has no backend", e.Name)
+		}
+		if len(e.Name) > maxNameLen || len(e.Description) > maxNameLen {
+			return nil, fmt.Errorf("nbd: export %q: name or description longer than %d bytes", e.Name, maxNameLen)
+		}
+		if seen[e.Name] {
+			return nil, fmt.Errorf("nbd: export %q listed twice", e.Name)
+		}
+		seen[e.Name] = true
+		s.exports = append(s.exports, &e)
+	}
+	return s, nil
+}
+
+func (s *Server) export(name string) *Export {
+	if name == "" {
+		return s.exports[0]
+	}
+	for _, e := range s.exports {
+		if e.Name == name {
+			return e
+		}
+	}
+	return nil
+}
+
+// Serve accepts connections until ctx is cancelled or the listener fails,
+// then closes the listener and every connection and waits for their
+// requests to finish. It returns nil after cancellation.
+func (s *Server) Serve(ctx context.Context, l net.Listener) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	go func() {
+		<-ctx.Done()
+		l.Close()
+	}()
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("nbd: accept: %w", err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.ServeConn(ctx, nc); err != nil {
+				klog.V(2).InfoS("nbd connection ended", "remote", nc.RemoteAddr(), "err", err)
+			}
+		}()
+	}
+}
+
+// ServeConn negotiates with a client (fixed-newstyle handshake) and then
+// serves its requests until it disconnects, ctx is cancelled or it sends
+// something malformed. The connection is closed on return. A clean
+// disconnect, by NBD_CMD_DISC, OPT_ABORT or end of stream between
+// messages, returns nil.
+func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
+	defer nc.Close()
+	stop := closeOnDone(ctx, nc)
+	defer stop()
+	c := s.newConn(nc)
+	exp, err := c.negotiate()
+	if err != nil || exp == nil {
+		return err
+	}
+	return c.transmit(ctx, exp)
+}
+
+// ServeTransmission serves an already-negotiated connection, as the
+// kernel expects of the sockets it is given: no handshake, simple replies
+// only. name selects the export ("" for the default).
+func (s *Server) ServeTransmission(ctx context.Context, nc net.Conn, name string) error {
+	defer nc.Close()
+	exp := s.export(name)
+	if exp == nil {
+		return fmt.Errorf("nbd: no export %q", name)
+	}
+	stop := closeOnDone(ctx, nc)
+	defer stop()
+	return s.newConn(nc).transmit(ctx, exp)
+}
+
+// closeOnDone closes nc when ctx ends, which unblocks its reader.
+func closeOnDone(ctx context.Context, nc net.Conn) (stop func() bool) {
+	return context.AfterFunc(ctx, func() { nc.Close() })
+}
+
+// conn is the state of one client connection.
+type conn struct {
+	srv        *Server
+	nc         net.Conn
+	r          *bufio.Reader
+	structured bool
+	metaAlloc  bool
+
+	// Replies: wmu guards the queue and whether someone is writing it.
+	wmu        sync.Mutex
+	writing    bool
+	werr       error
+	pending    [][]byte
+	owned      [][]byte
+	spareParts [][]byte
+	spareOwned [][]byte
+}
+
+func (s *Server) newConn(nc net.Conn) *conn {
+	return &conn{srv: s, nc: nc, r: bufio.NewReaderSize(nc, 64<<10)}
+}
+
+// negotiate runs the handshake. It returns the export to serve, or nil
+// and nil when the client ended negotiation cleanly.
+func (c *conn) negotiate() (*Export, error) {
+	var hello [18]byte
+	binary.BigEndian.PutUint64(hello[0:], nbdMagic)
+	binary.BigEndian.PutUint64(hello[8:], optMagic)
+	binary.BigEndian.PutUint16(hello[16:], flagFixedNewstyle|flagNoZeroes)
+	if _, err := c.nc.Write(hello[:]); err != nil {
+		return nil, fmt.Errorf("nbd: send greeting: %w", err)
+	}
+	var cf [4]byte
+	if _, err := io.ReadFull(c.r, cf[:]); err != nil {
+		return nil, fmt.Errorf("nbd: read client flags: %w", err)
+	}
+	clientFlags := binary.BigEndian.Uint32(cf[:])
+	if clientFlags&^(flagFixedNewstyle|flagNoZeroes) != 0 {
+		return nil, fmt.Errorf("nbd: unknown client flags %#x: %w", clientFlags, errMalformed)
+	}
+	noZeroes := clientFlags&flagNoZeroes != 0
+	for {
+		var h [16]byte
+		if _, err := io.ReadFull(c.r, h[:]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil, nil
+			}
+			return nil, fmt.Errorf("nbd: read option: %w", err)
+		}
+		if m := binary.BigEndian.Uint64(h[0:]); m != optMagic {
+			return nil, fmt.Errorf("nbd: option magic %#x: %w", m, errMalformed)
+		}
+		opt := binary.BigEndian.Uint32(h[8:])
+		n := binary.BigEndian.Uint32(h[12:])
+		if n > maxOptionLen {
+			// The data can be skipped, so the connection survives.
+			if _, err := io.CopyN(io.Discard, c.r, int64(n)); err != nil {
+				return nil, fmt.Errorf("nbd: skip option data: %w", err)
+			}
+			if err := c.optReply(opt, repErrTooBig, []byte("option data too long")); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		data := make([]byte, n)
+		if _, err := io.ReadFull(c.r, data); err != nil {
+			return nil, fmt.Errorf("nbd: read option data: %w", err)
+		}
+		exp, done, err := c.option(opt, data, noZeroes)
+		if err != nil || done {
+			return exp, err
+		}
+	}
+}
+
+// option handles one option. done means negotiation is over: exp is the
+// export to serve, or nil when the client aborted.
+func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *Export, done bool, err error) {
+	switch opt {
+	case optExportName:
+		exp := c.srv.export(string(data))
+		if exp == nil {
+			// This option has no error reply: closing is the answer.
+			return nil, true, fmt.Errorf("nbd: client asked for unknown export %q", data)
+		}
+		b := make([]byte, 10, 134)
+		binary.BigEndian.PutUint64(b, uint64(exp.Backend.Size()))
+		binary.BigEndian.PutUint16(b[8:], exp.transmissionFlags())
+		if !noZeroes {
+			b = b[:134]
+		}
+		if _, err := c.nc.Write(b); err != nil {
+			return nil, true, fmt.Errorf("nbd: send export: %w", err)
+		}
+		return exp, true, nil
+
+	case optAbort:
+		// Best effort: the client may already have gone.
+		_ = c.optReply(opt, repAck, nil)
+		return nil, true, nil
+
+	case optList:
+		if len(data) != 0 {
+			return nil, false, c.optReply(opt, repErrInvalid, []byte("LIST takes no data"))
+		}
+		for _, e := range c.srv.exports {
+			b := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
+			b = append(b, e.Name...)
+			b = append(b, e.Description...)
+			if err := c.optReply(opt, repServer, b); err != nil {
+				return nil, false, err
+			}
+		}
+		return nil, false, c.optReply(opt, repAck, nil)
+
+	case optInfo, optGo:
+		req, perr := parseInfoRequest(data)
+		if perr != nil {
+			return nil, false, c.optReply(opt, repErrInvalid, []byte(perr.Error()))
+		}
+		exp := c.srv.export(req.name)
+		if exp == nil {
+			return nil, false, c.optReply(opt, repErrUnknown, []byte("no such export"))
+		}
+		if err := c.sendInfo(opt, exp, req.infos); err != nil {
+			return nil, false, err
+		}
+		if err := c.optReply(opt, repAck, nil); err != nil {
+			return nil, false, err
+		}
+		return exp, opt == optGo, nil
+
+	case optStructuredReply:
+		if len(data) != 0 {
+			return nil, false, c.optReply(opt, repErrInvalid, []byte("STRUCTURED_REPLY takes no data"))
+		}
+		c.structured = true
+		return nil, false, c.optReply(opt, repAck, nil)
+
+	case optListMetaContext, optSetMetaContext:
+		if !c.structured {
+			return nil, false, c.optReply(opt, repErrInvalid, []byte("negotiate structured replies first"))
+		}
+		req, perr := parseMetaRequest(data)
+		if perr != nil {
+			return nil, false, c.optReply(opt, repErrInvalid, []byte(perr.Error()))
+		}
+		if c.srv.export(req.name) == nil {
+			return nil, false, c.optReply(opt, repErrUnknown, []byte("no such export"))
+		}
+		match := false
+		if opt == optListMetaContext && len(req.queries) == 0 {
+			match = true
+		}
+		for _, q := range req.queries {
+			if q == metaContextAllocation || (opt == optListMetaContext && q == "base:") {
+				match = true
+			}
+		}
+		if opt == optSetMetaContext {
+			c.metaAlloc = match
+		}
+		if match {
+			b := binary.BigEndian.AppendUint32(nil, metaContextAllocationID)
+			b = append(b, metaContextAllocation...)
+			if err := c.optReply(opt, repMetaContext, b); err != nil {
+				return nil, false, err
+			}
+		}
+		return nil, false, c.optReply(opt, repAck, nil)
+
+	default:
+		return nil, false, c.optReply(opt, repErrUnsup, []byte("option not supported"))
+	}
+}
+
+// sendInfo sends NBD_INFO_EXPORT, which is always due, BLOCK_SIZE, which
+// we always volunteer, and NAME/DESCRIPTION when asked.
+func (c *conn) sendInfo(opt uint32, exp *Export, infos []uint16) error {
+	b := binary.BigEndian.AppendUint16(nil, infoExport)
+	b = binary.BigEndian.AppendUint64(b, uint64(exp.Backend.Size()))
+	b = binary.BigEndian.AppendUint16(b, exp.transmissionFlags())
+	if err := c.optReply(opt, repInfo, b); err != nil {
+		return err
+	}
+	b = binary.BigEndian.AppendUint16(nil, infoBlockSize)
+	b = binary.BigEndian.AppendUint32(b, 1)    // minimum: any byte range works
+	b = binary.BigEndian.AppendUint32(b, 4096) // preferred: avoids read-modify-write
+	b = binary.BigEndian.AppendUint32(b, MaxPayload)
+	if err := c.optReply(opt, repInfo, b); err != nil {
+		return err
+	}
+	for _, typ := range infos {
+		var s string
+		switch typ {
+		case infoName:
+			s = exp.Name
+		case infoDescription:
+			s = exp.Description
+		default:
+			continue
+		}
+		b = binary.BigEndian.AppendUint16(nil, typ)
+		if err := c.optReply(opt, repInfo, append(b, s...)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *conn) optReply(opt, typ uint32, data []byte) error {
+	b := make([]byte, 20, 20+len(data))
+	binary.BigEndian.PutUint64(b, optReplyMagic)
+	binary.BigEndian.PutUint32(b[8:], opt)
+	binary.BigEndian.PutUint32(b[12:], typ)
+	binary.BigEndian.PutUint32(b[16:], uint32(len(data)))
+	if _, err := c.nc.Write(append(b, data...)); err != nil {
+		return fmt.Errorf("nbd: reply to option %d: %w", opt, err)
+	}
+	return nil
+}
+
+// transmit reads requests and hands them to a pool of workers (at most
+// maxInFlight run at once); replies go out in completion order. Write
+// payloads are read here, in order, before the next header. Workers live
+// as long as the connection, so their grown stacks are reused.
+func (c *conn) transmit(ctx context.Context, exp *Export) error {
+	type job struct {
+		req     request
+		payload []byte
+	}
+	jobs := make(chan job)
+	var wg sync.WaitGroup
+	defer func() {
+		close(jobs)
+		wg.Wait()
+	}()
+	idle := 0 // see below; only this goroutine spawns workers
+	var idleMu sync.Mutex
+	worker := func(j job) {
+		defer wg.Done()
+		for {
+			if err := c.handle(exp, j.req, j.payload); err != nil {
+				// A reply could not be sent: the connection is broken,
+				// and closing it ends the reader too.
+				klog.V(2).InfoS("nbd reply failed", "err", err)
+				c.nc.Close()
+			}
+			idleMu.Lock()
+			idle++
+			idleMu.Unlock()
+			var ok bool
+			if j, ok = <-jobs; !ok {
+				return
+			}
+		}
+	}
+	workers := 0
+	var hdr [requestSize]byte
+	for {
+		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("nbd: read request: %w", err)
+		}
+		req, err := parseRequest(hdr[:])
+		if err != nil {
+			return fmt.Errorf("nbd: %w", err)
+		}
+		var payload []byte
+		switch req.typ {
+		case cmdDisc:
+			return nil
+		case cmdWrite:
+			if req.length > MaxPayload {
+				// The payload cannot be skipped without trusting the
+				// length, so the connection ends here.
+				return fmt.Errorf("nbd: write of %d bytes exceeds %d: %w", req.length, MaxPayload, errMalformed)
+			}
+			payload = c.srv.bufs.get(int(req.length))
+			if _, err := io.ReadFull(c.r, payload); err != nil {
+				c.srv.bufs.put(payload)
+				return fmt.Errorf("nbd: read write payload: %w", err)
+			}
+		}
+		idleMu.Lock()
+		// idle counts workers about to take a job minus jobs not yet
+		// taken, so it stays exact even when the send below has to wait.
+		spawn := idle <= 0 && workers < c.srv.maxInFlight
+		if !spawn {
+			idle--
+		}
+		idleMu.Unlock()
+		if spawn {
+			workers++
+			wg.Add(1)
+			go worker(job{req, payload})
+			continue
+		}
+		// Blocks while all maxInFlight workers are busy.
+		jobs <- job{req, payload}
+	}
+}
+
+// handle runs one request and sends its reply.
+func (c *conn) handle(exp *Export, req request, payload []byte) error {
+	defer c.srv.bufs.put(payload)
+	b := exp.Backend
+	size := uint64(b.Size())
+	inRange := req.offset <= size && uint64(req.length) <= size-req.offset
+	if req.flags&^(cmdFlagFUA|cmdFlagNoHole|cmdFlagDF|cmdFlagReqOne|cmdFlagFastZero) != 0 {
+		return c.fail(req, errInval, "unknown command flags")
+	}
+	switch req.typ {
+	case cmdRead:
+		if req.length > MaxPayload {
+			if c.structured {
+				return c.fail(req, errOverflow, "read longer than maximum payload")
+			}
+			return c.fail(req, errInval, "read longer than maximum payload")
+		}
+		if !inRange {
+			return c.fail(req, errInval, "read beyond end of export")
+		}
+		return c.read(b, req)
+
+	case cmdWrite, cmdTrim, cmdWriteZeroes:
+		if exp.readOnly() {
+			return c.fail(req, errPerm, "read-only export")
+		}
+		if !inRange {
+			if req.typ == cmdTrim {
+				return c.fail(req, errInval, "trim beyond end of export")
+			}
+			return c.fail(req, errNoSpc, "write beyond end of export")
+		}
+		var err error
+		switch req.typ {
+		case cmdWrite:
+			_, err = b.WriteAt(payload, int64(req.offset))
+		case cmdTrim:
+			if req.length > 0 {
+				err = b.Discard(int64(req.offset), int64(req.length))
+			}
+		case cmdWriteZeroes:
+			noHole := req.flags&cmdFlagNoHole != 0
+			if noHole && req.flags&cmdFlagFastZero != 0 {
+				// Keeping the range allocated may cost as much as
+				// writing it; the client asked us to fail fast then.
+				return c.fail(req, errNotSup, "cannot zero quickly while keeping allocation")
+			}
+			if req.length > 0 {
+				err = b.WriteZeroes(int64(req.offset), int64(req.length), noHole)
+			}
+		}
+		if err == nil && req.flags&cmdFlagFUA != 0 {
+			err = b.Flush()
+		}
+		if err != nil {
+			klog.V(4).InfoS("nbd request failed", "cmd", req.typ, "offset", req.offset, "length", req.length, "err", err)
+		}
+		return c.done(req, err)
+
+	case cmdFlush:
+		return c.done(req, b.Flush())
+
+	case cmdBlockStatus:
+		if !c.structured || !c.metaAlloc {
+			return c.fail(req, errInval, "base:allocation was not negotiated")
+		}
+		if !inRange || req.length == 0 {
+			return c.fail(req, errInval, "block status range outside export")
+		}
+		return c.blockStatus(b, req)
+
+	default:
+		return c.fail(req, errInval, "unknown command")
+	}
+}
+
+// read answers READ: one simple reply, or with structured replies one
+// chunk per data or hole run, so clients can skip zero ranges.
+func (c *conn) read(b Backend, req request) error {
+	buf := c.srv.bufs.get(int(req.length))
+	if !c.structured {
+		if _, err := readFull(b, buf, int64(req.offset)); err != nil {
+			c.srv.bufs.put(buf)
+			return c.done(req, err)
+		}
+		h := simpleHeader(req.handle, 0)
+		return c.send(buf, h[:], buf)
+	}
+	runs := extents(b, int64(req.offset), int64(req.length), 0)
+	var chunks [][]byte
+	for i, r := range runs {
+		flags := uint16(0)
+		if i == len(runs)-1 {
+			flags = replyFlagDone
+		}
+		if !r.allocated {
+			h := chunkHeader(req.handle, flags, replyTypeHole, 12)
+			h = binary.BigEndian.AppendUint64(h, uint64(r.off))
+			h = binary.BigEndian.AppendUint32(h, uint32(r.n))
+			chunks = append(chunks, h)
+			continue
+		}
+		p := buf[r.off-int64(req.offset):][:r.n]
+		if _, err := readFull(b, p, r.off); err != nil {
+			// Chunks already built are dropped: one error chunk is a
+			// complete, valid answer.
+			c.srv.bufs.put(buf)
+			return c.structuredError(req, errorCode(err), err.Error())
+		}
+		h := chunkHeader(req.handle, flags, replyTypeData, 8+uint32(r.n))
+		h = binary.BigEndian.AppendUint64(h, uint64(r.off))
+		chunks = append(chunks, h, p)
+	}
+	if len(chunks) == 0 { // zero-length read
+		return c.send(buf, chunkHeader(req.handle, replyFlagDone, replyTypeNone, 0))
+	}
+	return c.send(buf, chunks...)
+}
+
+// blockStatus answers BLOCK_STATUS for base:allocation.
+func (c *conn) blockStatus(b Backend, req request) error {
+	max := 1024
+	if req.flags&cmdFlagReqOne != 0 {
+		max = 1
+	}
+	runs := extents(b, int64(req.offset), int64(req.length), max)
+	if len(runs) == 1 && runs[0].err != nil {
+		return c.structuredError(req, errorCode(runs[0].err), runs[0].err.Error())
+	}
+	h := chunkHeader(req.handle, replyFlagDone, replyTypeBlockStat, uint32(4+8*len(runs)))
+	h = binary.BigEndian.AppendUint32(h, metaContextAllocationID)
+	for _, r := range runs {
+		h = binary.BigEndian.AppendUint32(h, uint32(r.n))
+		var st uint32
+		if !r.allocated {
+			st = stateHole | stateZero
+		}
+		h = binary.BigEndian.AppendUint32(h, st)
+	}
+	return c.send(nil, h)
+}
+
+type run struct {
+	off, n    int64
+	allocated bool
+	err       error
+}
+
+// extents splits [off, off+length) into at most max (0: any number of) runs of equal
+// allocation, merging neighbours. When the backend cannot tell, the rest
+// is reported as allocated, which is always safe.
+func extents(b Backend, off, length int64, max int) []run {
+	var runs []run
+	end := off + length
+	for off < end {
+		n, alloc, err := b.Extent(off, end-off)
+		if err != nil || n <= 0 || n > end-off {
+			if len(runs) == 0 && err != nil {
+				// Keep the error for BLOCK_STATUS; READ treats the run
+				// as data and lets ReadAt report the real failure.
+				return []run{{off: off, n: end - off, allocated: true, err: err}}
+			}
+			n, alloc = end-off, true
+		}
+		if k := len(runs); k > 0 && runs[k-1].allocated == alloc {
+			runs[k-1].n += n
+		} else {
+			if max > 0 && k == max {
+				break
+			}
+			runs = append(runs, run{off: off, n: n, allocated: alloc})
+		}
+		off += n
+	}
+	return runs
+}
+
+// readFull reads len(p) bytes; a short read without error is an I/O error
+// because the range was checked against the size.
+func readFull(b Backend, p []byte, off int64) (int, error) {
+	n, err := b.ReadAt(p, off)
+	if err == nil && n < len(p) {
+		err = io.ErrUnexpectedEOF
+	}
+	if err == io.EOF && n == len(p) {
+		err = nil
+	}
+	return n, err
+}
+
+func simpleHeader(handle uint64, errno uint32) [16]byte {
+	var h [16]byte
+	binary.BigEndian.PutUint32(h[0:], simpleMagic)
+	binary.BigEndian.PutUint32(h[4:], errno)
+	binary.BigEndian.PutUint64(h[8:], handle)
+	return h
+}
+
+func chunkHeader(handle uint64, flags, typ uint16, length uint32) []byte {
+	h := make([]byte, 20, 20+12)
+	binary.BigEndian.PutUint32(h[0:], structuredMagc)
+	binary.BigEndian.PutUint16(h[4:], flags)
+	binary.BigEndian.PutUint16(h[6:], typ)
+	binary.BigEndian.PutUint64(h[8:], handle)
+	binary.BigEndian.PutUint32(h[16:], length)
+	return h
+}
+
+// fail answers req with an error: structured (with a message) when
+// negotiated, as the protocol wants for READ and prefers for the rest.
+func (c *conn) fail(req request, errno uint32, msg string) error {
+	if c.structured {
+		return c.structuredError(req, errno, msg)
+	}
+	return c.simpleError(req, errno)
+}
+
+// done answers a request without payload: success, or its error mapped.
+func (c *conn) done(req request, err error) error {
+	if err == nil {
+		return c.simpleError(req, 0)
+	}
+	return c.fail(req, errorCode(err), err.Error())
+}
+
+func (c *conn) simpleError(req request, errno uint32) error {
+	h := simpleHeader(req.handle, errno)
+	return c.send(nil, h[:])
+}
+
+func (c *conn) structuredError(req request, errno uint32, msg string) error {
+	if len(msg) > 256 {
+		msg = strings.ToValidUTF8(msg[:256], "")
+	}
+	h := chunkHeader(req.handle, replyFlagDone, replyTypeError, uint32(6+len(msg)))
+	h = binary.BigEndian.AppendUint32(h, errno)
+	h = binary.BigEndian.AppendUint16(h, uint16(len(msg)))
+	return c.send(nil, append(h, msg...))
+}
+
+// send queues one whole reply; replies of concurrent requests never
+// interleave. The first sender to find no write in progress becomes the
+// writer and sends everything queued meanwhile in one writev, so a busy
+// connection needs far fewer syscalls than replies. owned, if not nil, is
+// a pool buffer referenced by parts that goes back to the pool once sent.
+func (c *conn) send(owned []byte, parts ...[]byte) error {
+	c.wmu.Lock()
+	if c.werr != nil {
+		err := c.werr
+		c.wmu.Unlock()
+		c.srv.bufs.put(owned)
+		return err
+	}
+	c.pending = append(c.pending, parts...)
+	if owned != nil {
+		c.owned = append(c.owned, owned)
+	}
+	if c.writing {
+		c.wmu.Unlock()
+		return nil
+	}
+	c.writing = true
+	var err error
+	for len(c.pending) > 0 && err == nil {
+		batch, owned := net.Buffers(c.pending), c.owned
+		c.pending, c.owned = c.spareParts[:0], c.spareOwned[:0]
+		c.wmu.Unlock()
+		_, err = batch.WriteTo(c.nc)
+		for i, b := range owned {
+			c.srv.bufs.put(b)
+			owned[i] = nil
+		}
+		c.wmu.Lock()
+		c.spareParts, c.spareOwned = clearParts(batch[:0:cap(batch)]), owned[:0]
+	}
+	if err != nil {
+		c.werr = fmt.Errorf("nbd: send reply: %w", err)
+		err = c.werr
+		for _, b := range c.owned {
+			c.srv.bufs.put(b)
+		}
+		c.pending, c.owned = nil, nil
+	}
+	c.writing = false
+	c.wmu.Unlock()
+	return err
+}
+
+// clearParts drops references so the spare slice does not pin buffers.
+func clearParts(b net.Buffers) [][]byte {
+	b = b[:cap(b)]
+	clear(b)
+	return b[:0]
+}
+
+// bufPool recycles request buffers in power-of-two classes from 4 KiB to
+// MaxPayload, so large reads and writes do not churn the heap.
+type bufPool struct {
+	classes [14]sync.Pool // 4 KiB << i
+}
+
+func (p *bufPool) class(n int) int {
+	i, size := 0, 4096
+	for size < n {
+		size <<= 1
+		i++
+	}
+	return i
+}
+
+func (p *bufPool) get(n int) []byte {
+	if n == 0 {
+		return nil
+	}
+	i := p.class(n)
+	if v := p.classes[i].Get(); v != nil {
+		return (*(v.(*[]byte)))[:n]
+	}
+	return make([]byte, n, 4096<<i)
+}
+
+func (p *bufPool) put(b []byte) {
+	if cap(b) < 4096 {
+		return
+	}
+	i := p.class(cap(b))
+	if i >= len(p.classes) || 4096<<i != cap(b) {
+		return
+	}
+	b = b[:cap(b)]
+	p.classes[i].Put(&b)
+}
