@@ -76,6 +76,6 @@ func usage(w io.Writer, vs map[string]verb) {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-10s %s\n", n, vs[n].summary)
+		fmt.Fprintf(w, "  %-16s %s\n", n, vs[n].summary)
 	}
 }
