@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
+	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,9 +38,11 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 	id := fs.String("id", "", "backend identifier shown in /sys/block/nbdN/backend (default: the image's absolute path)")
 	device := fs.String("device", "", "use this `/dev/nbdN` instead of any free device")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: ploopctl attach [--connections N] [--mount DIR] [--read-only] [--direct] [--id ID] [--device /dev/nbdN] IMAGE")
+		fmt.Fprintln(stderr, "usage: ploopctl attach [--connections N] [--mount DIR] [--read-only] [--direct] [--id ID] [--device /dev/nbdN] IMAGE|DIR")
 		fmt.Fprintln(stderr, "Serves the image to a kernel nbd device and prints its path as the first line of stdout;")
 		fmt.Fprintln(stderr, "keeps serving until SIGINT, SIGTERM or `ploopctl detach`, then unmounts, disconnects and closes.")
+		fmt.Fprintln(stderr, "A stack DIR is served whole and takes online snapshot, snapshot-delete and grow requests")
+		fmt.Fprintln(stderr, "on DIR/"+controlName+" (the grow also resizes the device).")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -109,6 +112,15 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 		defer cancel()
 		report(att.Disconnect(dctx))
 	}()
+	if st, ok := img.(*ploop.Stack); ok && !*readOnly {
+		// An online grow must reach the kernel device too.
+		ctl, err := startControl(st, att.Resize)
+		if err != nil {
+			report(err)
+			return status
+		}
+		defer func() { report(ctl.Close()) }()
+	}
 	if err := writePidFile(att.Index()); err != nil {
 		report(err)
 		return status

@@ -31,6 +31,7 @@ func TestAttachKernel(t *testing.T) {
 	}, []vmtest.Case{
 		{Name: "AttachMountDetach", Run: testAttachMountDetach},
 		{Name: "DetachWithoutServer", Run: testDetachWithoutServer},
+		{Name: "StackOnline", Run: testAttachStackOnline},
 	})
 }
 

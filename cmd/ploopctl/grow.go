@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"io"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
@@ -8,9 +9,10 @@ import (
 
 func runGrow(args []string, stdout, stderr io.Writer) int {
 	fs := newVerbFlags("grow", "-s SIZE DIR",
-		"Grows the virtual disk of the stack in DIR (which must not be in use) to SIZE. Only the top delta\n"+
+		"Grows the virtual disk of the stack in DIR to SIZE (online if DIR is being served:\n"+
+			"the serving process grows it and resizes its kernel device). Only the top delta\n"+
 			"changes; snapshots keep their size. Growing so far that the BAT would reach the data clusters\n"+
-			"(past 256 GiB with 1 MiB clusters) is not supported yet.", stderr)
+			"(past 256 GiB with 1 MiB clusters) first moves those clusters to the end of the file.", stderr)
 	var size sizeFlag
 	fs.Var(&size, "s", "new virtual disk `SIZE` (rounded up to 512 bytes)")
 	fs.Var(&size, "size", "same as -s")
@@ -24,7 +26,11 @@ func runGrow(args []string, stdout, stderr io.Writer) int {
 	if !size.set || size.n <= 0 {
 		return usageError(fs, stderr, "-s SIZE is required and must be positive")
 	}
-	if err := ploop.GrowStack(pos[0], size.n); err != nil {
+	_, err := controlCall(pos[0], controlRequest{Op: "grow", Size: size.n})
+	if errors.Is(err, errNotServed) {
+		err = ploop.GrowStack(pos[0], size.n)
+	}
+	if err != nil {
 		return failf(stderr, "grow", err)
 	}
 	return exitOK

@@ -40,6 +40,7 @@ func verbs() map[string]verb {
 		"clone":           {"make a new stack directory from a snapshot", runClone},
 		"flatten":         {"copy shared clusters into a stack's own delta", runFlatten},
 		"grow":            {"grow the virtual disk of a stack directory", runGrow},
+		"compact":         {"give back the space of discarded and zero clusters", runCompact},
 
 		"serve":  {"serve an image over NBD (unix socket or TCP)", runServe},
 		"attach": {"serve an image to a kernel /dev/nbdN, optionally mounted", runAttach},

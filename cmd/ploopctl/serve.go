@@ -24,7 +24,15 @@ type image interface {
 
 // openImage opens path as a ploop image when it starts with a ploop
 // header signature, and as a raw file otherwise.
+// A stack directory (with a DiskDescriptor.xml) opens as the whole stack.
 func openImage(path string, readOnly, direct bool) (image, string, error) {
+	if ploop.IsStackDir(path) {
+		st, err := ploop.OpenStack(path, ploop.StackOptions{ReadOnly: readOnly, Direct: direct})
+		if err != nil {
+			return nil, "", err
+		}
+		return st, "stack", nil
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, "", err
@@ -68,9 +76,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	export := fs.String("export", "", "export `NAME` (default: the image file's base name)")
 	direct := fs.Bool("direct", false, "open the image with O_DIRECT")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: ploopctl serve [--socket PATH | --listen ADDR] [--read-only] [--export NAME] [--direct] IMAGE|RAW")
+		fmt.Fprintln(stderr, "usage: ploopctl serve [--socket PATH | --listen ADDR] [--read-only] [--export NAME] [--direct] IMAGE|RAW|DIR")
 		fmt.Fprintln(stderr, "Serves the image over NBD until SIGINT or SIGTERM, then flushes and closes it.")
 		fmt.Fprintln(stderr, "The first line of stdout is the NBD URI, printed once the server accepts connections.")
+		fmt.Fprintln(stderr, "A stack DIR is served whole; while it is served, `ploopctl snapshot`, `snapshot-delete` and")
+		fmt.Fprintln(stderr, "`grow` on DIR run in this process through the control socket DIR/"+controlName+" (mode 0600).")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -126,8 +136,23 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(err)
 	}
+	// A served stack takes snapshot, snapshot-delete and grow requests
+	// on its control socket (control.go).
+	var ctl *controlServer
+	if st, ok := img.(*ploop.Stack); ok && !*readOnly {
+		if ctl, err = startControl(st, nil); err != nil {
+			l.Close()
+			return fail(err)
+		}
+	}
 	fmt.Fprintln(stdout, uri)
-	if err := srv.Serve(ctx, l); err != nil {
+	err = srv.Serve(ctx, l)
+	if ctl != nil {
+		if cerr := ctl.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
 		return fail(err)
 	}
 	if err := closeImage(img); err != nil {

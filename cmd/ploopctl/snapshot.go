@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 
@@ -9,8 +10,9 @@ import (
 
 func runSnapshot(args []string, stdout, stderr io.Writer) int {
 	fs := newVerbFlags("snapshot", "DIR",
-		"Freezes the current state of the stack in DIR (which must not be in use) as a snapshot and\n"+
-			"prints its GUID. Costs O(1): the top delta becomes read-only, a new empty top starts.", stderr)
+		"Freezes the current state of the stack in DIR as a snapshot and prints its GUID. Costs O(1):\n"+
+			"the top delta becomes read-only, a new empty top starts. If DIR is being served (ploopctl serve or\n"+
+			"attach), the serving process takes the snapshot, pausing I/O only for the switch.", stderr)
 	pos, code, ok := parseVerbArgs(fs, args)
 	if !ok {
 		return code
@@ -18,7 +20,14 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 	if len(pos) != 1 {
 		return usageError(fs, stderr, "need exactly one DIR")
 	}
-	guid, err := ploop.Snapshot(pos[0])
+	var guid string
+	rep, err := controlCall(pos[0], controlRequest{Op: "snapshot"})
+	switch {
+	case errors.Is(err, errNotServed):
+		guid, err = ploop.Snapshot(pos[0])
+	case err == nil:
+		guid = rep.GUID
+	}
 	if err != nil {
 		return failf(stderr, "snapshot", err)
 	}

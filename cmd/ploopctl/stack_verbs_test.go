@@ -185,7 +185,8 @@ func TestStackVerbErrors(t *testing.T) {
 	if _, stderr, code := ploopctl(t, "snapshot-delete", "-u", ploop.TopGUID, dir); code != exitFail || !strings.Contains(stderr, "top delta") {
 		t.Errorf("deleting the top: %d %s", code, stderr)
 	}
-	if _, stderr, code := ploopctl(t, "grow", "-s", "1T", dir); code != exitFail || !strings.Contains(stderr, "relocation") {
+	// Past the BAT area of one cluster: the data clusters in the way move.
+	if _, stderr, code := ploopctl(t, "grow", "-s", "1T", dir); code != exitOK {
 		t.Errorf("grow past the BAT area: %d %s", code, stderr)
 	}
 	os.WriteFile(filepath.Join(dir, "root.hds.orphan"), []byte("x"), 0o600)

@@ -9,16 +9,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ErrGrowNeedsRelocation says a larger BAT would reach into the data area:
-// the data clusters in the way would have to move first, which Grow does
-// not do yet.
+// Deprecated: ErrGrowNeedsRelocation is no longer returned: Grow relocates the data
+// clusters in the way of a larger BAT (see relocateForBAT). It is kept so
+// that callers testing for it still compile.
 var ErrGrowNeedsRelocation = errors.New("the larger BAT would overlap data clusters (relocation is not implemented yet)")
 
 // Grow sets a larger virtual size on an image open for writing and not in
-// use by anyone else. The new BAT entries must fit below data_off (with
-// 1 MiB clusters that is up to 256 GiB), otherwise it fails with
-// ErrGrowNeedsRelocation. The new BAT space is zeroed and made durable
-// before the header that covers it.
+// use by anyone else. When the new BAT entries do not fit below data_off
+// (with 1 MiB clusters: past 256 GiB), the data clusters in the way move to
+// the end of the file first (crash-safe, see relocate.go; no I/O may run
+// meanwhile). The new BAT space is zeroed and made durable before the
+// header that covers it.
 func (img *Image) Grow(size int64) error {
 	if img.readOnly {
 		return fmt.Errorf("grow %s: image is read-only: %w", img.path, unix.EPERM)
@@ -37,7 +38,11 @@ func (img *Image) Grow(size int64) error {
 	}
 	entries := (sectors*SectorSize + uint64(img.cs) - 1) / uint64(img.cs)
 	if entries > (uint64(h.DataOff)*SectorSize-HeaderSize)/4 {
-		return fmt.Errorf("grow %s to %d: %w", img.path, size, ErrGrowNeedsRelocation)
+		dataOff, err := img.relocateForBAT(entries)
+		if err != nil {
+			return fmt.Errorf("grow %s to %d: relocate: %w", img.path, size, err)
+		}
+		h.DataOff = dataOff
 	}
 	oldEnd := int64(len(img.meta))
 	newEnd := HeaderSize + 4*int64(max(entries, uint64(h.BATEntries)))
@@ -100,23 +105,12 @@ func growStack(dir string, size int64, h *hooks) error {
 	if err := ensureClean(dir, top); err != nil {
 		return fmt.Errorf("grow %s: %w", dir, err)
 	}
-	if top.Type == TypeCompressed {
-		// Refuse before the descriptor changes what cannot be done.
-		info, err := Inspect(filepath.Join(dir, top.File))
-		if err != nil {
-			return fmt.Errorf("grow %s: %w", dir, err)
-		}
-		entries := (sectors*SectorSize + uint64(info.ClusterSize) - 1) / uint64(info.ClusterSize)
-		if entries > uint64(info.DataOffset-HeaderSize)/4 {
-			return fmt.Errorf("grow %s to %d: %w", dir, size, ErrGrowNeedsRelocation)
-		}
-	}
 	nd := d.clone()
 	nd.setSize(sectors)
 	if err := writeDescriptor(dir, nd, h); err != nil {
 		return fmt.Errorf("grow %s: %w", dir, err)
 	}
-	if err := growTop(dir, top, nd.Size()); err != nil {
+	if err := growTopWith(dir, top, nd.Size(), h); err != nil {
 		return fmt.Errorf("grow %s: %w", dir, err)
 	}
 	h.at("grow-top")
@@ -125,6 +119,10 @@ func growStack(dir string, size int64, h *hooks) error {
 
 // growTop brings the top delta up to the descriptor's size.
 func growTop(dir string, top DescriptorImg, size int64) error {
+	return growTopWith(dir, top, size, nil)
+}
+
+func growTopWith(dir string, top DescriptorImg, size int64, h *hooks) error {
 	path := filepath.Join(dir, top.File)
 	if top.Type == TypePlain {
 		f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
@@ -144,6 +142,7 @@ func growTop(dir string, top DescriptorImg, size int64) error {
 	if err != nil {
 		return err
 	}
+	img.hooks = h
 	if err := img.Grow(size); err != nil {
 		img.Close()
 		return err

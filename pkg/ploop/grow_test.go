@@ -43,11 +43,27 @@ func TestImageGrow(t *testing.T) {
 		t.Fatalf("shrink: %v", err)
 	}
 	// One 32 KiB BAT cluster holds 8176 entries: 255.5 MiB.
-	if err := img.Grow(1 << 30); !errors.Is(err, ErrGrowNeedsRelocation) {
-		t.Fatalf("grow past the BAT area: %v", err)
-	}
 	if err := img.Grow(8176 * stackCluster); err != nil {
 		t.Fatalf("grow to the end of the BAT area: %v", err)
+	}
+	// Past it the first data clusters move out of the way of the BAT.
+	if err := img.Grow(600 << 20); err != nil {
+		t.Fatalf("grow past the BAT area: %v", err)
+	}
+	if h := img.Header(); h.DataOff != 3*stackCluster/SectorSize {
+		t.Fatalf("data_off %d sectors after the relocating grow", h.DataOff)
+	}
+	got := make([]byte, len(want))
+	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("after the relocating grow: %v %s", err, firstDiff(got, want))
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, path)
+	img = mustOpen(t, path, OpenOptions{ReadOnly: true})
+	if _, err := img.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("reopened after the relocating grow: %v %s", err, firstDiff(got, want))
 	}
 }
 
@@ -111,12 +127,15 @@ func TestGrowStack(t *testing.T) {
 			if err := GrowStack(dir, 1<<20); !errors.Is(err, unix.EINVAL) {
 				t.Fatalf("shrink: %v", err)
 			}
-			if err := GrowStack(dir, 1<<30); !errors.Is(err, ErrGrowNeedsRelocation) {
+			// Past the first BAT cluster (8176 entries): relocation.
+			if err := GrowStack(dir, 300<<20); err != nil {
 				t.Fatalf("grow past the BAT area: %v", err)
 			}
-			if d, _ := ReadDescriptor(dir); d.Size() != 4<<20 {
-				t.Fatalf("a refused grow changed the descriptor to %d", d.Size())
+			model = append(model, make([]byte, 300<<20-len(model))...)
+			if got := readStack(t, dir, ""); !bytes.Equal(got, model) {
+				t.Fatalf("after the relocating grow: %s", firstDiff(got, model))
 			}
+			qemuCheck(t, filepath.Join(dir, list[len(list)-1].File))
 		})
 	}
 }

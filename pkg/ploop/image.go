@@ -62,6 +62,9 @@ type Image struct {
 	writeThroughMu  sync.Mutex
 	writeThroughBuf []byte
 	closed          bool
+	// hooks lets crash tests stop Compact and a relocating Grow between
+	// steps; nil in normal use.
+	hooks *hooks
 }
 
 // CreateOptions describe a new image.

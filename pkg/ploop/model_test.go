@@ -14,7 +14,7 @@ import (
 )
 
 // The reference-model test: random sequences of writes, discards,
-// snapshots, snapshot deletions, clones, flattens, grows and volume removals run
+// snapshots, snapshot deletions, clones, flattens, grows, compactions and volume removals run
 // against stacks on disk and against an in-memory model of every volume's
 // and snapshot's contents. After every step each volume and each snapshot
 // read through OpenStack equals the model, our CheckStack finds every
@@ -78,7 +78,7 @@ func (m *stackModel) newVolume(raw bool) *modelVolume {
 func (m *stackModel) step() {
 	t, r := m.t, m.rng
 	v := m.pick()
-	switch op := r.IntN(21); {
+	switch op := r.IntN(23); {
 	case op < 8:
 		m.log = append(m.log, "write "+v.dir)
 		writeStack(t, v.dir, func(s *Stack) {
@@ -150,6 +150,11 @@ func (m *stackModel) step() {
 				// delta of a stack is a snapshot).
 				t.Fatalf("clone inherited %s, unknown to the model", si.GUID)
 			}
+		}
+	case op >= 21:
+		m.log = append(m.log, "compact "+v.dir)
+		if _, err := CompactStack(v.dir); err != nil {
+			t.Fatal(err)
 		}
 	case op == 18:
 		if len(v.data) > 6<<20 {

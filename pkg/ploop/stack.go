@@ -31,12 +31,20 @@ type Stack struct {
 	layers   []Disk // base first; the last is the top
 	size, cs int64
 	readOnly bool
+	direct   bool // deltas reopened by online operations keep O_DIRECT
 	lock     *os.File
 
 	// clusterLocks serialize the copy-up of a cluster with other writes
 	// to that cluster that find it unallocated in the top.
 	clusterLocks [clusterLockStripes]sync.Mutex
 	closed       bool
+
+	// io is held shared by every I/O call and exclusively by the online
+	// operations (stack_online.go) while they switch the chain: that
+	// switch is the only time I/O pauses.
+	io sync.RWMutex
+	// online serializes the online operations with each other.
+	online sync.Mutex
 }
 
 var _ Disk = (*Stack)(nil)
@@ -166,7 +174,7 @@ func OpenStack(dir string, opts StackOptions) (*Stack, error) {
 	if opts.Snapshot != "" {
 		opts.ReadOnly = true
 	}
-	s := &Stack{dir: dir, readOnly: opts.ReadOnly}
+	s := &Stack{dir: dir, readOnly: opts.ReadOnly, direct: opts.Direct}
 	if !opts.ReadOnly {
 		f, err := openDirLocked(dir)
 		if err != nil {
@@ -277,7 +285,11 @@ func (s *Stack) closeAll() error {
 func (s *Stack) Dir() string { return s.dir }
 
 // Size is the virtual size in bytes.
-func (s *Stack) Size() int64 { return s.size }
+func (s *Stack) Size() int64 {
+	s.io.RLock()
+	defer s.io.RUnlock()
+	return s.size
+}
 
 // ClusterSize is the cluster size in bytes.
 func (s *Stack) ClusterSize() int64 { return s.cs }
@@ -286,13 +298,19 @@ func (s *Stack) ClusterSize() int64 { return s.cs }
 func (s *Stack) ReadOnly() bool { return s.readOnly }
 
 // Depth is the number of deltas in the open chain.
-func (s *Stack) Depth() int { return len(s.layers) }
+func (s *Stack) Depth() int {
+	s.io.RLock()
+	defer s.io.RUnlock()
+	return len(s.layers)
+}
 
 func (s *Stack) top() Disk { return s.layers[len(s.layers)-1] }
 
 // ReadAt reads through the chain: each range comes from the highest delta
 // that has it allocated.
 func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
+	s.io.RLock()
+	defer s.io.RUnlock()
 	if err := checkRange("read", off, int64(len(p)), s.size); err != nil {
 		return 0, err
 	}
@@ -360,6 +378,8 @@ func (s *Stack) lowerAllocated(off, length int64) (bool, error) {
 // WriteAt writes to the top delta, copying clusters up from lower deltas
 // where the write covers only part of them.
 func (s *Stack) WriteAt(p []byte, off int64) (int, error) {
+	s.io.RLock()
+	defer s.io.RUnlock()
 	if err := s.checkWrite("write", off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -430,6 +450,8 @@ func (s *Stack) Flush() error {
 	if s.readOnly {
 		return nil
 	}
+	s.io.RLock()
+	defer s.io.RUnlock()
 	return s.top().Flush()
 }
 
@@ -437,6 +459,8 @@ func (s *Stack) Flush() error {
 // lower delta has data the top keeps a zeroed cluster, so the lower data
 // does not show through.
 func (s *Stack) Discard(off, length int64) error {
+	s.io.RLock()
+	defer s.io.RUnlock()
 	if err := s.checkWrite("discard", off, length); err != nil {
 		return err
 	}
@@ -445,6 +469,8 @@ func (s *Stack) Discard(off, length int64) error {
 
 // WriteZeroes makes the range read as zeros; noHole keeps it allocated.
 func (s *Stack) WriteZeroes(off, length int64, noHole bool) error {
+	s.io.RLock()
+	defer s.io.RUnlock()
 	if err := s.checkWrite("write zeroes", off, length); err != nil {
 		return err
 	}
@@ -502,6 +528,8 @@ func (s *Stack) zeroCluster(pos, n, start, clen int64, noHole bool) error {
 // Extent reports the run at off that is allocated in some delta, or in
 // none.
 func (s *Stack) Extent(off, length int64) (int64, bool, error) {
+	s.io.RLock()
+	defer s.io.RUnlock()
 	if err := checkRange("extent", off, length, s.size); err != nil {
 		return 0, false, err
 	}
@@ -532,6 +560,10 @@ func (s *Stack) Extent(off, length int64) (int64, bool, error) {
 
 // Close flushes and closes every delta and releases the directory lock.
 func (s *Stack) Close() error {
+	s.online.Lock()
+	defer s.online.Unlock()
+	s.io.Lock()
+	defer s.io.Unlock()
 	if s.closed {
 		return fmt.Errorf("close %s: %w", s.dir, os.ErrClosed)
 	}
@@ -557,6 +589,8 @@ type StackMapping struct {
 // Map lists, cluster by cluster, which delta provides the allocated parts
 // of the virtual disk (the highest delta that has data there).
 func (s *Stack) Map() ([]StackMapping, error) {
+	s.io.RLock()
+	defer s.io.RUnlock()
 	var out []StackMapping
 	for start := int64(0); start < s.size; start += s.cs {
 		clen := min(s.cs, s.size-start)

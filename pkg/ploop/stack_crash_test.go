@@ -27,7 +27,7 @@ import (
 const stackCrashEnv = "PLOOP_STACK_CRASH_CHILD"
 
 // stackCrashOps are the operations under test; arg selects the snapshot.
-var stackCrashOps = []string{"delete-lower", "delete-upper", "flatten", "snapshot", "clone", "grow"}
+var stackCrashOps = []string{"delete-lower", "delete-upper", "flatten", "snapshot", "clone", "grow", "grow-relocate", "compact"}
 
 // runStackOp runs op on dir with the given hooks.
 func runStackOp(op, dir string, snaps []string, h *hooks) error {
@@ -60,6 +60,16 @@ func runStackOp(op, dir string, snaps []string, h *hooks) error {
 		return cloneStack(dir, snaps[1], dir+"-clone", h)
 	case "grow":
 		return growStack(dir, stackSize+5*stackCluster+512, h)
+	case "grow-relocate":
+		// Past one 32 KiB BAT cluster (8176 entries): the BAT takes three
+		// clusters and the two first data clusters move.
+		return growStack(dir, 600<<20, h)
+	case "compact":
+		if err := prepareCompaction(dir); err != nil {
+			return err
+		}
+		_, err := compactStack(dir, h)
+		return err
 	}
 	return fmt.Errorf("unknown op %q", op)
 }
@@ -202,6 +212,10 @@ func TestStackCrash(t *testing.T) {
 		snaps := crashTemplate(t, tmpl, raw)
 		before := readState(t, tmpl)
 		for _, op := range stackCrashOps {
+			// PLOOP_STACK_CRASH_OPS=compact,grow-relocate runs only those.
+			if only := os.Getenv("PLOOP_STACK_CRASH_OPS"); only != "" && !slices.Contains(strings.Split(only, ","), op) {
+				continue
+			}
 			work := filepath.Join(root, fmt.Sprintf("count-%v-%s", raw, op))
 			copyDir(t, tmpl, work)
 			points := 0
@@ -216,6 +230,7 @@ func TestStackCrash(t *testing.T) {
 				after.snaps = nil
 			}
 			preps[fmt.Sprint(raw, op)] = &prepared{tmpl, snaps, before, after, points, took}
+			t.Logf("raw base %v, %s: %d hook points, %v", raw, op, points, took)
 		}
 	}
 	keys := make([]string, 0, len(preps))
@@ -281,6 +296,9 @@ func TestStackCrash(t *testing.T) {
 		}
 		if rep, err := CheckStack(work); err != nil || !rep.Clean() {
 			t.Fatalf("%s killed at %d: not clean after repair: %v %v", key, killAt, err, rep)
+		}
+		if op == "compact" || op == "grow-relocate" {
+			qemuCheckTop(t, work)
 		}
 		got := readState(t, work)
 		if op == "clone" {

@@ -1,0 +1,340 @@
+package ploop
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Online operations run on a Stack that is open for writing and being
+// served. The process serving a stack holds its directory lock, so the
+// offline functions (Snapshot, DeleteSnapshot, GrowStack) cannot run on it;
+// these methods do the same on-disk steps through the open stack instead.
+//
+// Each one does its slow work (creating files, copying clusters, fsyncs of
+// data) while I/O continues and pauses I/O — by taking s.io exclusively,
+// which waits for the requests in flight — only for the O(1) switch:
+// closing or reopening a delta, writing the descriptor and swapping the
+// in-memory chain. The on-disk order of steps is that of the offline
+// operations, so a crash at any point is repaired the same way.
+
+// OnlineStats reports how long an online operation held I/O paused.
+type OnlineStats struct {
+	Pause time.Duration
+}
+
+// checkOnline refuses online operations on a read-only or closed stack.
+func (s *Stack) checkOnline(op string) error {
+	if s.readOnly {
+		return fmt.Errorf("%s %s: stack is open read-only: %w", op, s.dir, unix.EPERM)
+	}
+	if s.closed {
+		return fmt.Errorf("%s %s: %w", op, s.dir, os.ErrClosed)
+	}
+	return nil
+}
+
+// Snapshot freezes the current state of the open stack under a new GUID
+// and continues on a new, empty top delta; it returns the GUID. The new
+// delta is created and the old top flushed before I/O pauses; the pause
+// covers the clean close of the old top (its inuse flag is cleared so the
+// frozen delta passes qemu-img check), the descriptor switch and reopening
+// the old top read-only.
+func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
+	s.online.Lock()
+	defer s.online.Unlock()
+	if err := s.checkOnline("snapshot"); err != nil {
+		return "", st, err
+	}
+	if len(s.chain) >= MaxChain {
+		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, ErrChainFull)
+	}
+	name, err := newDeltaFile(s.dir)
+	if err != nil {
+		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
+	}
+	path := filepath.Join(s.dir, name)
+	// The online lock keeps the size stable: only Grow changes it.
+	newTop, err := Create(path, CreateOptions{Size: s.size, ClusterSize: s.cs, Direct: s.direct})
+	if err != nil {
+		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
+	}
+	discardNew := func() {
+		newTop.Close()
+		os.Remove(path)
+	}
+	// Most dirty data becomes durable here, so that the flush inside the
+	// pause is short.
+	if err := s.top().Flush(); err != nil {
+		discardNew()
+		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
+	}
+
+	guid := NewGUID()
+	t0 := time.Now()
+	s.io.Lock()
+	defer func() {
+		s.io.Unlock()
+		st.Pause = time.Since(t0)
+	}()
+	old := s.chain[len(s.chain)-1]
+	if err := s.top().Close(); err != nil {
+		discardNew()
+		return "", st, s.reopenTop(fmt.Errorf("snapshot %s: %w", s.dir, err))
+	}
+	chain := append([]DescriptorImg(nil), s.chain...)
+	chain[len(chain)-1].GUID = guid
+	chain = append(chain, DescriptorImg{GUID: old.GUID, Type: TypeCompressed, File: name})
+	nd := s.desc.clone()
+	for i := range nd.Snapshots.Shots {
+		if nd.Snapshots.Shots[i].GUID == old.GUID {
+			nd.Snapshots.Shots[i].GUID = guid
+		}
+	}
+	nd.setChain(chain)
+	if err := writeDescriptor(s.dir, nd, nil); err != nil {
+		discardNew()
+		return "", st, s.reopenTop(fmt.Errorf("snapshot %s: %w", s.dir, err))
+	}
+	frozen, err := openLayer(s.dir, chain[len(chain)-2], OpenOptions{ReadOnly: true, Direct: s.direct}, s.size, s.cs)
+	if err != nil {
+		// The snapshot is on disk but the stack cannot read it: stop
+		// serving rather than serve a wrong view.
+		newTop.Close()
+		s.layers = s.layers[:len(s.layers)-1]
+		s.closeAll()
+		s.closed = true
+		return "", st, fmt.Errorf("snapshot %s: reopen the frozen delta: %w", s.dir, err)
+	}
+	s.layers[len(s.layers)-1] = frozen
+	s.layers = append(s.layers, newTop)
+	s.chain = chain
+	s.desc = nd
+	return guid, st, nil
+}
+
+// reopenTop opens the top delta for writing again after a failed switch;
+// if that fails too the stack is closed.
+func (s *Stack) reopenTop(cause error) error {
+	l, err := openLayer(s.dir, s.chain[len(s.chain)-1], OpenOptions{Direct: s.direct}, s.size, s.cs)
+	if err != nil {
+		s.layers = s.layers[:len(s.layers)-1]
+		s.closeAll()
+		s.closed = true
+		return errors.Join(cause, fmt.Errorf("reopen the top delta: %w", err))
+	}
+	s.layers[len(s.layers)-1] = l
+	return cause
+}
+
+// DeleteSnapshot removes snapshot guid from the open stack by merging its
+// delta into the delta above it, as the offline DeleteSnapshot does. The
+// clusters are copied while I/O continues: a cluster the upper delta lacks
+// reads the same from the snapshot's delta before and after the copy, and
+// copies into the top delta take the same per-cluster lock as the copy-up
+// of a guest write, so a write to that cluster either lands after the copy
+// or makes the copy unnecessary. I/O pauses only for the descriptor switch.
+func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
+	var st OnlineStats
+	s.online.Lock()
+	defer s.online.Unlock()
+	if err := s.checkOnline("delete snapshot"); err != nil {
+		return st, err
+	}
+	k := indexOf(s.chain, guid)
+	switch {
+	case k < 0:
+		return st, fmt.Errorf("delete snapshot %s in %s: no such snapshot: %w", guid, s.dir, os.ErrNotExist)
+	case k == len(s.chain)-1:
+		return st, fmt.Errorf("delete snapshot %s in %s: it is the top delta, not a snapshot: %w", guid, s.dir, unix.EINVAL)
+	}
+	fail := func(err error) (OnlineStats, error) {
+		return st, fmt.Errorf("delete snapshot %s in %s: %w", guid, s.dir, err)
+	}
+	upperIsTop := k+1 == len(s.chain)-1
+	var dst Disk
+	var upper *Image
+	if upperIsTop {
+		dst = s.top()
+	} else {
+		// Nobody else writes a delta below the top: a second, writable
+		// handle fills it while the stack keeps reading through its own
+		// read-only one (whose BAT does not see the new clusters, which
+		// read the same through the snapshot's delta).
+		if s.chain[k+1].Type != TypeCompressed {
+			return fail(fmt.Errorf("delta %s is not a ploop image: %w", s.chain[k+1].File, ErrCorrupt))
+		}
+		img, err := Open(filepath.Join(s.dir, s.chain[k+1].File), OpenOptions{Direct: s.direct})
+		if err != nil {
+			return fail(err)
+		}
+		upper, dst = img, img
+	}
+	if err := s.foldOnline(s.layers[k], dst, k == 0, upperIsTop); err != nil {
+		if upper != nil {
+			upper.Close()
+		}
+		return fail(err)
+	}
+	var reopened Disk
+	if upper != nil {
+		// A clean close clears inuse; the fresh read-only handle sees
+		// the copied clusters.
+		if err := upper.Close(); err != nil {
+			return fail(err)
+		}
+		l, err := openLayer(s.dir, s.chain[k+1], OpenOptions{ReadOnly: true, Direct: s.direct}, s.size, s.cs)
+		if err != nil {
+			return fail(err)
+		}
+		reopened = l
+	} else if err := dst.Flush(); err != nil {
+		return fail(err)
+	}
+
+	chain := append(append([]DescriptorImg(nil), s.chain[:k]...), s.chain[k+1:]...)
+	nd := s.desc.clone()
+	nd.setChain(chain)
+	removed := s.chain[k : k+1]
+	var retired []Disk
+	t0 := time.Now()
+	s.io.Lock()
+	err := writeDescriptor(s.dir, nd, nil)
+	if err == nil {
+		retired = append(retired, s.layers[k])
+		layers := append([]Disk(nil), s.layers[:k]...)
+		if reopened != nil {
+			retired = append(retired, s.layers[k+1])
+			layers = append(layers, reopened)
+			layers = append(layers, s.layers[k+2:]...)
+		} else {
+			layers = append(layers, s.layers[k+1:]...)
+		}
+		s.layers, s.chain, s.desc = layers, chain, nd
+	}
+	s.io.Unlock()
+	st.Pause = time.Since(t0)
+	if err != nil {
+		if reopened != nil {
+			reopened.Close()
+		}
+		return fail(err)
+	}
+	for _, l := range retired {
+		l.Close()
+	}
+	if err := removeDeltas(s.dir, removed, nil); err != nil {
+		return fail(err)
+	}
+	return st, nil
+}
+
+// foldOnline copies into dst every cluster that src has and dst lacks.
+// With lockTop, dst is the stack's top delta and each cluster is copied
+// under the cluster lock guest writes take for their copy-ups.
+func (s *Stack) foldOnline(src, dst Disk, becomesBase, lockTop bool) error {
+	size := src.Size()
+	buf := make([]byte, s.cs)
+	for start := int64(0); start < size; start += s.cs {
+		clen := min(s.cs, size-start)
+		if alloc, err := anyExtent(src, start, clen); err != nil || !alloc {
+			if err != nil {
+				return err
+			}
+			continue
+		}
+		if err := s.foldOneCluster(src, dst, buf[:clen], start, becomesBase, lockTop); err != nil {
+			return err
+		}
+	}
+	return dst.Flush()
+}
+
+func (s *Stack) foldOneCluster(src, dst Disk, b []byte, start int64, becomesBase, lockTop bool) error {
+	if lockTop {
+		lk := &s.clusterLocks[(start/s.cs)%clusterLockStripes]
+		lk.Lock()
+		defer lk.Unlock()
+	}
+	// dst's whole cluster counts: a guest write may have allocated it.
+	if alloc, err := anyExtent(dst, start, min(s.cs, dst.Size()-start)); err != nil || alloc {
+		return err
+	}
+	if _, err := src.ReadAt(b, start); err != nil {
+		return err
+	}
+	if becomesBase && allZero(b) {
+		return nil
+	}
+	_, err := dst.WriteAt(b, start)
+	return err
+}
+
+// Grow sets a larger virtual size on the open stack, as GrowStack does
+// offline: the descriptor first, then the top delta. I/O pauses for both
+// (a few fsyncs, no data is moved). The NBD server reads the size per
+// request; clients that cached it at the handshake, and the kernel (see
+// nbd.Attachment.Resize), must be told.
+func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
+	s.online.Lock()
+	defer s.online.Unlock()
+	if err := s.checkOnline("grow"); err != nil {
+		return st, err
+	}
+	sectors := (uint64(size) + SectorSize - 1) / SectorSize
+	if size <= 0 || sectors < s.desc.Params.DiskSize {
+		return st, fmt.Errorf("grow %s to %d: smaller than the current size %d: %w", s.dir, size, s.size, unix.EINVAL)
+	}
+	if err := s.top().Flush(); err != nil {
+		return st, fmt.Errorf("grow %s: %w", s.dir, err)
+	}
+	nd := s.desc.clone()
+	nd.setSize(sectors)
+	newSize := nd.Size()
+	t0 := time.Now()
+	s.io.Lock()
+	defer func() {
+		s.io.Unlock()
+		st.Pause = time.Since(t0)
+	}()
+	if err := writeDescriptor(s.dir, nd, nil); err != nil {
+		return st, fmt.Errorf("grow %s: %w", s.dir, err)
+	}
+	if err := s.growTopOnline(newSize); err != nil {
+		// The top did not change: put the old size back.
+		if rerr := writeDescriptor(s.dir, s.desc, nil); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("restore the descriptor: %w", rerr))
+		}
+		return st, fmt.Errorf("grow %s: %w", s.dir, err)
+	}
+	s.desc, s.size = nd, newSize
+	return st, nil
+}
+
+// growTopOnline grows the open top delta. A raw top (a one-delta stack
+// with a raw base) is closed, truncated and reopened.
+func (s *Stack) growTopOnline(size int64) error {
+	if img, ok := s.top().(*Image); ok {
+		return img.Grow(size)
+	}
+	top := s.chain[len(s.chain)-1]
+	if err := s.top().Close(); err != nil {
+		return s.reopenTop(err)
+	}
+	if err := growTop(s.dir, top, size); err != nil {
+		return s.reopenTop(err)
+	}
+	l, err := openLayer(s.dir, top, OpenOptions{Direct: s.direct}, size, s.cs)
+	if err != nil {
+		s.layers = s.layers[:len(s.layers)-1]
+		s.closeAll()
+		s.closed = true
+		return fmt.Errorf("reopen the grown top delta: %w", err)
+	}
+	s.layers[len(s.layers)-1] = l
+	return nil
+}
