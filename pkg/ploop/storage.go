@@ -56,7 +56,7 @@ func openStorage(path string, readOnly, direct bool) (storage, error) {
 		if err != nil {
 			return nil, err
 		}
-		return &bufferedFile{f: f}, nil
+		return &bufferedFile{file{f}}, nil
 	}
 	f, err := os.OpenFile(path, flags|unix.O_DIRECT, 0)
 	if err != nil {
@@ -65,27 +65,36 @@ func openStorage(path string, readOnly, direct bool) (storage, error) {
 		}
 		return nil, err
 	}
-	return &directFile{f: f, path: path}, nil
+	d := &directFile{file: file{f}, path: path}
+	d.bounce.New = newBounceBuffer
+	return d, nil
 }
+
+// file holds what buffered and O_DIRECT storage do alike: everything but
+// the data path.
+type file struct {
+	f *os.File
+}
+
+func (h file) Sync() error                       { return fdatasync(h.f) }
+func (h file) PunchHole(off, n int64) error      { return punchHole(h.f, off, n) }
+func (h file) NextData(off int64) (int64, error) { return seek(h.f, off, unix.SEEK_DATA) }
+func (h file) NextHole(off int64) (int64, error) { return seek(h.f, off, unix.SEEK_HOLE) }
+func (h file) Size() (int64, error)              { return fileSize(h.f) }
+func (h file) Truncate(size int64) error         { return h.f.Truncate(size) }
+func (h file) LockExclusive() error              { return lockExclusive(h.f) }
+func (h file) Close() error                      { return h.f.Close() }
 
 // bufferedFile is storage through the page cache.
 type bufferedFile struct {
-	f *os.File
+	file
 }
 
 func (b *bufferedFile) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
 func (b *bufferedFile) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
-func (b *bufferedFile) Sync() error                              { return fdatasync(b.f) }
-func (b *bufferedFile) PunchHole(off, n int64) error             { return punchHole(b.f, off, n) }
 func (b *bufferedFile) ZeroRange(off, n int64) error {
 	return zeroRange(b.f, off, n, b.WriteAt)
 }
-func (b *bufferedFile) NextData(off int64) (int64, error) { return seek(b.f, off, unix.SEEK_DATA) }
-func (b *bufferedFile) NextHole(off int64) (int64, error) { return seek(b.f, off, unix.SEEK_HOLE) }
-func (b *bufferedFile) Size() (int64, error)              { return fileSize(b.f) }
-func (b *bufferedFile) Truncate(size int64) error         { return b.f.Truncate(size) }
-func (b *bufferedFile) LockExclusive() error              { return lockExclusive(b.f) }
-func (b *bufferedFile) Close() error                      { return b.f.Close() }
 
 // directFile is storage opened with O_DIRECT. Requests that are aligned in
 // memory, offset and length go straight to the device; others go through an
@@ -93,16 +102,19 @@ func (b *bufferedFile) Close() error                      { return b.f.Close() }
 // writes. Edge blocks are locked (striped by block number) so that two
 // unaligned writes to different bytes of one block do not undo each other.
 type directFile struct {
-	f     *os.File
+	file
 	path  string
 	edges [64]sync.Mutex
+	// bounce holds aligned buffers for unaligned requests; per file, so
+	// the package keeps no mutable state of its own.
+	bounce sync.Pool
 }
 
 // maxBounce bounds the bounce buffer of one request; longer requests are
 // split.
 const maxBounce = 1 << 20
 
-var bouncePool = sync.Pool{New: func() any { b := alignedBuffer(maxBounce + 2*directAlign); return &b }}
+func newBounceBuffer() any { b := alignedBuffer(maxBounce + 2*directAlign); return &b }
 
 // alignedBuffer returns a slice of n bytes whose address is a multiple of
 // directAlign.
@@ -128,8 +140,8 @@ func (d *directFile) ReadAt(p []byte, off int64) (int, error) {
 	if isAligned(p, off) {
 		return d.f.ReadAt(p, off)
 	}
-	bp := bouncePool.Get().(*[]byte)
-	defer bouncePool.Put(bp)
+	bp := d.bounce.Get().(*[]byte)
+	defer d.bounce.Put(bp)
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
@@ -156,8 +168,8 @@ func (d *directFile) WriteAt(p []byte, off int64) (int, error) {
 	if isAligned(p, off) {
 		return d.f.WriteAt(p, off)
 	}
-	bp := bouncePool.Get().(*[]byte)
-	defer bouncePool.Put(bp)
+	bp := d.bounce.Get().(*[]byte)
+	defer d.bounce.Put(bp)
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
@@ -227,17 +239,9 @@ func (d *directFile) readBlock(b []byte, off int64) error {
 	return nil
 }
 
-func (d *directFile) Sync() error                  { return fdatasync(d.f) }
-func (d *directFile) PunchHole(off, n int64) error { return punchHole(d.f, off, n) }
 func (d *directFile) ZeroRange(off, n int64) error {
 	return zeroRange(d.f, off, n, d.WriteAt)
 }
-func (d *directFile) NextData(off int64) (int64, error) { return seek(d.f, off, unix.SEEK_DATA) }
-func (d *directFile) NextHole(off int64) (int64, error) { return seek(d.f, off, unix.SEEK_HOLE) }
-func (d *directFile) Size() (int64, error)              { return fileSize(d.f) }
-func (d *directFile) Truncate(size int64) error         { return d.f.Truncate(size) }
-func (d *directFile) LockExclusive() error              { return lockExclusive(d.f) }
-func (d *directFile) Close() error                      { return d.f.Close() }
 
 func fdatasync(f *os.File) error {
 	for {
