@@ -24,25 +24,28 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	if len(pos) != 1 {
 		return usageError(fs, stderr, "need exactly one IMAGE or DIR")
 	}
-	if ploop.IsStackDir(pos[0]) {
-		return checkStack(pos[0], *repair, *asJSON, stdout, stderr)
-	}
-	var rep *ploop.Report
+	dir := ploop.IsStackDir(pos[0])
+	var rep checkReport
 	var err error
-	if *repair {
-		rep, err = ploop.Repair(pos[0])
-	} else {
-		rep, err = ploop.Check(pos[0])
+	switch {
+	case dir && *repair:
+		rep, err = nilIfNil(ploop.RepairStack(pos[0]))
+	case dir:
+		rep, err = nilIfNil(ploop.CheckStack(pos[0]))
+	case *repair:
+		rep, err = nilIfNil(ploop.Repair(pos[0]))
+	default:
+		rep, err = nilIfNil(ploop.Check(pos[0]))
 	}
 	if rep != nil {
+		var jerr error
 		if *asJSON {
-			b, jerr := rep.JSON()
-			if jerr != nil {
-				return failf(stderr, "check", jerr)
-			}
-			fmt.Fprintf(stdout, "%s\n", b)
+			jerr = printJSON(stdout, rep)
 		} else {
-			fmt.Fprint(stdout, rep.String())
+			_, jerr = fmt.Fprint(stdout, rep.String())
+		}
+		if jerr != nil {
+			return failf(stderr, "check", jerr)
 		}
 	}
 	if err != nil {
@@ -54,30 +57,37 @@ func runCheck(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
-func checkStack(dir string, repair, asJSON bool, stdout, stderr io.Writer) int {
-	var rep *ploop.StackReport
-	var err error
-	if repair {
-		rep, err = ploop.RepairStack(dir)
-	} else {
-		rep, err = ploop.CheckStack(dir)
+// checkReport is what Check/Repair of an image and of a stack both return.
+type checkReport interface {
+	String() string
+	Clean() bool
+}
+
+// nilIfNil keeps a nil *Report or *StackReport from becoming a non-nil
+// interface value.
+func nilIfNil[R interface {
+	*ploop.Report | *ploop.StackReport
+	checkReport
+}](r R, err error) (checkReport, error) {
+	if r == nil {
+		return nil, err
 	}
-	if rep != nil {
-		if asJSON {
-			b, jerr := json.MarshalIndent(rep, "", "  ")
-			if jerr != nil {
-				return failf(stderr, "check", jerr)
-			}
-			fmt.Fprintf(stdout, "%s\n", b)
-		} else {
-			fmt.Fprint(stdout, rep.String())
-		}
+	return r, err
+}
+
+// printJSON prints v indented; an image report marshals its own (JSON()),
+// so an empty problem list prints as [] rather than null.
+func printJSON(w io.Writer, v any) error {
+	var b []byte
+	var err error
+	if r, ok := v.(interface{ JSON() ([]byte, error) }); ok {
+		b, err = r.JSON()
+	} else {
+		b, err = json.MarshalIndent(v, "", "  ")
 	}
 	if err != nil {
-		return failf(stderr, "check", err)
+		return err
 	}
-	if !rep.Clean() {
-		return exitFail
-	}
-	return exitOK
+	_, err = fmt.Fprintf(w, "%s\n", b)
+	return err
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 
@@ -13,8 +14,9 @@ func runCompact(args []string, stdout, stderr io.Writer) int {
 		"Gives the filesystem back the space of discarded and all-zero clusters: all-zero clusters are\n"+
 			"unallocated (in a stack's top delta only where the deltas below read zeros too), the clusters\n"+
 			"at the end of the file move into the free ones below, and the file is truncated. The contents\n"+
-			"never change; an interrupted compaction is undone by `check --repair`. DIR (a stack: its top\n"+
-			"delta) or IMAGE must not be in use.", stderr)
+			"never change; an interrupted compaction is undone by `check --repair`. If DIR (a stack: its\n"+
+			"top delta) is being served, the serving process compacts it with I/O paused meanwhile; an\n"+
+			"IMAGE must not be in use.", stderr)
 	asJSON := fs.Bool("json", false, "print the result as JSON")
 	pos, code, ok := parseVerbArgs(fs, args)
 	if !ok {
@@ -26,7 +28,7 @@ func runCompact(args []string, stdout, stderr io.Writer) int {
 	var res ploop.CompactResult
 	var err error
 	if ploop.IsStackDir(pos[0]) {
-		res, err = ploop.CompactStack(pos[0])
+		res, err = compactStack(pos[0])
 	} else {
 		res, err = compactImage(pos[0])
 	}
@@ -44,6 +46,22 @@ func runCompact(args []string, stdout, stderr io.Writer) int {
 	fmt.Fprintf(stdout, "file size %d -> %d bytes; %d zero clusters unallocated, %d kept (they hide lower data), %d clusters moved\n",
 		res.FileSizeBefore, res.FileSizeAfter, res.ZeroClusters, res.KeptZeroClusters, res.MovedClusters)
 	return exitOK
+}
+
+// compactStack compacts through the control socket when the stack is
+// served, offline otherwise.
+func compactStack(dir string) (ploop.CompactResult, error) {
+	rep, err := controlCall(dir, controlRequest{Op: "compact"})
+	if errors.Is(err, errNotServed) {
+		return ploop.CompactStack(dir)
+	}
+	if err != nil {
+		return ploop.CompactResult{}, err
+	}
+	if rep.Compact == nil {
+		return ploop.CompactResult{}, fmt.Errorf("served stack %s: the reply has no compaction result", dir)
+	}
+	return *rep.Compact, nil
 }
 
 func compactImage(path string) (ploop.CompactResult, error) {

@@ -1,7 +1,7 @@
 package main
 
-// The control socket lets an operator run snapshot, snapshot-delete and
-// grow on a stack that `ploopctl serve` or `ploopctl attach` is serving.
+// The control socket lets an operator run snapshot, snapshot-delete, grow
+// and compact on a stack that `ploopctl serve` or `ploopctl attach` is serving.
 // The serving process holds the stack directory's lock, so the offline
 // operations cannot run; instead it listens on DIR/.ploopctl.sock (a unix
 // socket, mode 0600, never a network port) and runs them on its open
@@ -35,7 +35,7 @@ const controlName = ".ploopctl.sock"
 func controlPath(dir string) string { return filepath.Join(dir, controlName) }
 
 type controlRequest struct {
-	Op   string `json:"op"` // "snapshot", "snapshot-delete" or "grow"
+	Op   string `json:"op"` // "snapshot", "snapshot-delete", "grow" or "compact"
 	GUID string `json:"guid,omitempty"`
 	Size int64  `json:"size,omitempty"`
 }
@@ -44,8 +44,9 @@ type controlReply struct {
 	GUID string `json:"guid,omitempty"`
 	Size int64  `json:"size,omitempty"`
 	// PauseNS is how long I/O was paused, in nanoseconds.
-	PauseNS int64  `json:"pause_ns"`
-	Error   string `json:"error,omitempty"`
+	PauseNS int64                `json:"pause_ns"`
+	Compact *ploop.CompactResult `json:"compact,omitempty"`
+	Error   string               `json:"error,omitempty"`
 }
 
 // controlServer runs control requests on a served stack.
@@ -132,6 +133,10 @@ func (c *controlServer) run(req controlRequest) (controlReply, error) {
 		if err == nil && c.grown != nil {
 			err = c.grown(rep.Size)
 		}
+		return rep, err
+	case "compact":
+		res, st, err := c.stack.Compact()
+		rep.Compact, rep.PauseNS = &res, int64(st.Pause)
 		return rep, err
 	default:
 		return rep, fmt.Errorf("unknown control op %q", req.Op)

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -142,8 +143,9 @@ func phaseWrites(pat byte, n int, start int64) []onlineWrite {
 
 // TestOnlineStackVerbs serves a stack with `ploopctl serve` and, while
 // qemu-io writes through it, runs `ploopctl snapshot`, `snapshot-delete`
-// (into a lower delta and into the top) and `grow` on the directory: the
-// verbs find the served stack's control socket. Each snapshot, exported
+// (into a lower delta and into the top), `grow` and `compact` on the
+// directory: the verbs find the served stack's control socket. Each
+// snapshot, exported
 // with `convert -u`, holds exactly a prefix of the writes streaming during
 // it (and at least those acknowledged before it started); the final disk
 // holds them all; every delta passes qemu-img check.
@@ -201,6 +203,22 @@ func TestOnlineStackVerbs(t *testing.T) {
 	serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x66 20M 1M", "-c", "flush", uri)
 	model = append(model, make([]byte, size)...)
 	copy(model[20<<20:21<<20], bytes.Repeat([]byte{0x66}, 1<<20))
+
+	// Compact while writes stream: 1 MiB written and then zeroed (kept
+	// allocated: write -z sends NO_HOLE) must be given back.
+	serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x77 24M 1M", "-c", "flush", uri)
+	serveRun(t, "qemu-io", "-f", "raw", "-c", "write -z 24M 1M", "-c", "flush", uri)
+	var compacted ploop.CompactResult
+	phase(0x88, 5, func() {
+		out := mustPloopctl(t, "compact", "--json", dir)
+		if err := json.Unmarshal([]byte(out), &compacted); err != nil {
+			t.Errorf("compact --json: %v\n%s", err, out)
+		}
+	})
+	if compacted.ZeroClusters < 16 || compacted.FileSizeAfter >= compacted.FileSizeBefore {
+		t.Fatalf("online compact of a top with 16 zeroed clusters: %+v", compacted)
+	}
+	t.Logf("online compact: %+v", compacted)
 
 	// The served disk, then the closed stack, equal the model.
 	raw := filepath.Join(tmp, "live.raw")
@@ -336,6 +354,7 @@ func TestControlSocketStale(t *testing.T) {
 	guid := strings.TrimSpace(mustPloopctl(t, "snapshot", dir))
 	mustPloopctl(t, "grow", "-s", "2M", dir)
 	mustPloopctl(t, "snapshot-delete", "-u", guid, dir)
+	mustPloopctl(t, "compact", dir)
 	if out := mustPloopctl(t, "snapshot-list", dir); strings.Contains(out, guid) {
 		t.Fatalf("snapshot-list after deleting %s:\n%s", guid, out)
 	}

@@ -36,12 +36,14 @@ type CompactResult struct {
 // cluster is unallocated (which reads the same, as nothing lies below a
 // standalone image). The image must have no I/O in flight; an online
 // caller pauses its server around the call.
-func (img *Image) Compact() (CompactResult, error) { return img.compact(nil) }
+func (img *Image) Compact() (CompactResult, error) { return img.compact(nil, nil) }
 
 // compact does the work; lowerNonZero, when not nil, reports whether the
 // deltas below would read anything but zeros in virtual cluster i, in which
-// case an all-zero cluster i must stay allocated to hide them.
-func (img *Image) compact(lowerNonZero func(i int64) (bool, error)) (CompactResult, error) {
+// case an all-zero cluster i must stay allocated to hide them. only, when
+// not nil, limits the zero scan to those virtual clusters (see
+// zeroCandidates).
+func (img *Image) compact(lowerNonZero func(i int64) (bool, error), only []int64) (CompactResult, error) {
 	var res CompactResult
 	if img.readOnly {
 		return res, fmt.Errorf("compact %s: image is read-only: %w", img.path, unix.EPERM)
@@ -63,7 +65,7 @@ func (img *Image) compact(lowerNonZero func(i int64) (bool, error)) (CompactResu
 	if err := img.syncMetaLocked(); err != nil {
 		return fail(err)
 	}
-	if err := img.unallocateZeros(lowerNonZero, &res); err != nil {
+	if err := img.unallocateZeros(lowerNonZero, only, &res); err != nil {
 		return fail(err)
 	}
 	if res.ZeroClusters > 0 {
@@ -93,10 +95,18 @@ func (img *Image) compact(lowerNonZero func(i int64) (bool, error)) (CompactResu
 }
 
 // unallocateZeros clears the BAT entry (in memory) of every all-zero
-// cluster that may go. The caller holds mu.
-func (img *Image) unallocateZeros(lowerNonZero func(i int64) (bool, error), res *CompactResult) error {
+// cluster that may go, among only if it is not nil. The caller holds mu.
+func (img *Image) unallocateZeros(lowerNonZero func(i int64) (bool, error), only []int64, res *CompactResult) error {
 	buf, zeros := make([]byte, img.cs), make([]byte, img.cs)
-	for i := range int64(img.hdr.BATEntries) {
+	n := int64(img.hdr.BATEntries)
+	if only != nil {
+		n = int64(len(only))
+	}
+	for k := range n {
+		i := k
+		if only != nil {
+			i = only[k]
+		}
 		host := img.entry(i)
 		if host == 0 {
 			continue
@@ -122,6 +132,42 @@ func (img *Image) unallocateZeros(lowerNonZero func(i int64) (bool, error), res 
 		res.ZeroClusters++
 	}
 	return nil
+}
+
+// zeroCandidates lists the allocated clusters that read as zeros and are
+// not needed to hide lower data (lowerNonZero, as for compact), and counts
+// the zero ones that are. It runs while I/O continues, so the answer may
+// be stale by the time it is used: the caller re-checks the candidates
+// with I/O stopped (a cluster written meanwhile is then kept; one zeroed
+// meanwhile is compacted next time). Only the BAT lookups lock.
+func (img *Image) zeroCandidates(lowerNonZero func(i int64) (bool, error)) (only []int64, kept int64, _ error) {
+	buf, zeros := make([]byte, img.cs), make([]byte, img.cs)
+	only = []int64{}
+	for i := range int64(img.hdr.BATEntries) {
+		host := img.lookup(i)
+		if host == 0 {
+			continue
+		}
+		zero, err := img.clusterIsZero(buf, zeros, host)
+		if err != nil {
+			return nil, 0, fmt.Errorf("read cluster %d: %w", i, err)
+		}
+		if !zero {
+			continue
+		}
+		if lowerNonZero != nil {
+			keep, err := lowerNonZero(i)
+			if err != nil {
+				return nil, 0, fmt.Errorf("read below cluster %d: %w", i, err)
+			}
+			if keep {
+				kept++
+				continue
+			}
+		}
+		only = append(only, i)
+	}
+	return only, kept, nil
 }
 
 // clusterIsZero reports whether the host cluster reads as zeros; a cluster
@@ -234,7 +280,7 @@ func compactStack(dir string, h *hooks) (CompactResult, error) {
 			return !allZero(b), nil
 		}
 	}
-	res, err = img.compact(lowerNonZero)
+	res, err = img.compact(lowerNonZero, nil)
 	if err != nil {
 		img.Close()
 		return res, fmt.Errorf("compact %s: %w", dir, err)

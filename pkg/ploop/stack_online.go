@@ -21,6 +21,12 @@ import (
 // closing or reopening a delta, writing the descriptor and swapping the
 // in-memory chain. The on-disk order of steps is that of the offline
 // operations, so a crash at any point is repaired the same way.
+//
+// Moving data clusters inside the top delta (Compact, and a Grow that
+// relocates clusters for the BAT) is the exception: it runs inside the
+// pause, because a write to an allocated cluster goes straight to its host
+// offset without taking a cluster lock, so a copy made while I/O continues
+// could miss a write that lands on the old place after it.
 
 // OnlineStats reports how long an online operation held I/O paused.
 type OnlineStats struct {
@@ -275,8 +281,9 @@ func (s *Stack) foldOneCluster(src, dst Disk, b []byte, start int64, becomesBase
 }
 
 // Grow sets a larger virtual size on the open stack, as GrowStack does
-// offline: the descriptor first, then the top delta. I/O pauses for both
-// (a few fsyncs, no data is moved). The NBD server reads the size per
+// offline: the descriptor first, then the top delta. I/O pauses for both:
+// a few fsyncs, plus the relocation of the first data clusters when the
+// BAT must grow into them (see above). The NBD server reads the size per
 // request; clients that cached it at the handshake, and the kernel (see
 // nbd.Attachment.Resize), must be told.
 func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
@@ -337,4 +344,60 @@ func (s *Stack) growTopOnline(size int64) error {
 	}
 	s.layers[len(s.layers)-1] = l
 	return nil
+}
+
+// Compact compacts the top delta of the open stack as CompactStack does
+// offline. While I/O continues, the top is flushed and scanned for
+// all-zero clusters (the deltas below are immutable, so whether they hide
+// data is known then too). I/O then pauses for the rest: the candidates
+// are checked again (one written meanwhile stays), their BAT entries
+// cleared, the clusters at the end moved into the holes and the file
+// truncated. The moves stay inside the pause because a guest write to an
+// allocated cluster goes straight to its host offset without a cluster
+// lock, so a copy made while I/O continues could miss a write. A raw top
+// is left as it is.
+func (s *Stack) Compact() (res CompactResult, st OnlineStats, _ error) {
+	s.online.Lock()
+	defer s.online.Unlock()
+	if err := s.checkOnline("compact"); err != nil {
+		return res, st, err
+	}
+	img, ok := s.top().(*Image)
+	if !ok {
+		return res, st, nil
+	}
+	if err := img.Flush(); err != nil {
+		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
+	}
+	var lowerNonZero func(i int64) (bool, error)
+	if len(s.layers) > 1 {
+		buf := make([]byte, s.cs)
+		lowerNonZero = func(i int64) (bool, error) {
+			off := i * s.cs
+			n := min(s.cs, s.size-off)
+			if n <= 0 {
+				return false, nil
+			}
+			b := buf[:n]
+			if err := s.readLayer(len(s.layers)-2, b, off); err != nil {
+				return false, err
+			}
+			return !allZero(b), nil
+		}
+	}
+	only, kept, err := img.zeroCandidates(lowerNonZero)
+	if err != nil {
+		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
+	}
+	img.hooks.at("online-compact-scanned")
+	t0 := time.Now()
+	s.io.Lock()
+	res, err = img.compact(nil, only)
+	s.io.Unlock()
+	res.KeptZeroClusters = kept
+	st.Pause = time.Since(t0)
+	if err != nil {
+		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
+	}
+	return res, st, nil
 }

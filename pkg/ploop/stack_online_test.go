@@ -250,6 +250,25 @@ func TestStackOnline(t *testing.T) {
 			if _, err := s.WriteAt(tail, size+100); err != nil {
 				t.Fatal(err)
 			}
+			// Clusters that were written and then zeroed (kept allocated)
+			// give the compaction below something to unallocate and move.
+			junk := bytes.Repeat([]byte("junk"), 1<<18)
+			if _, err := s.WriteAt(junk, size+2<<20); err != nil {
+				t.Fatal(err)
+			}
+			waitWrites()
+			if err := s.WriteZeroes(size+2<<20, int64(len(junk)), true); err != nil {
+				t.Fatal(err)
+			}
+			res, st, err := s.Compact()
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("compact paused I/O for %v: %+v", st.Pause, res)
+			if res.ZeroClusters < int64(len(junk))/cluster || res.FileSizeAfter >= res.FileSizeBefore {
+				t.Fatalf("compact of a top with %d zeroed clusters: %+v", int64(len(junk))/cluster, res)
+			}
+			checkShots("after compact")
 			waitWrites()
 			snap()
 			waitWrites()
@@ -298,6 +317,9 @@ func TestStackOnlineErrors(t *testing.T) {
 	if _, _, err := ro.Snapshot(); !errors.Is(err, unix.EPERM) {
 		t.Fatalf("snapshot of a read-only stack: %v, want EPERM", err)
 	}
+	if _, _, err := ro.Compact(); !errors.Is(err, unix.EPERM) {
+		t.Fatalf("compact of a read-only stack: %v, want EPERM", err)
+	}
 	ro.Close()
 	s := mustOpenStack(t, dir, StackOptions{})
 	defer s.Close()
@@ -320,4 +342,128 @@ func TestStackOnlineErrors(t *testing.T) {
 	if _, err := s.Grow(stackSize - 4096); !errors.Is(err, unix.EINVAL) {
 		t.Errorf("shrink: %v, want EINVAL", err)
 	}
+}
+
+// TestStackOnlineGrowRelocation grows a served stack so far that the BAT
+// must take over the first data clusters, while writers keep writing (also
+// to the clusters being moved), and checks the disk against the model.
+func TestStackOnlineGrowRelocation(t *testing.T) {
+	const (
+		size    = 8 << 20
+		cluster = 32 << 10
+		grown   = 1 << 30 // 32768 BAT entries: four clusters of BAT
+	)
+	dir := filepath.Join(t.TempDir(), "vol")
+	if err := InitStack(dir, InitOptions{Size: size, ClusterSize: cluster}); err != nil {
+		t.Fatal(err)
+	}
+	s := mustOpenStack(t, dir, StackOptions{})
+	m := &onlineModel{blocks: make([][]blockVersion, size/onlineBlock)}
+	stop := make(chan struct{})
+	progress := make(chan struct{})
+	var phase atomic.Int64
+	wg := onlineWriters(t, s, m, 4, &phase, 1, stop, progress)
+	waitWrites := func() {
+		for range 8 {
+			select {
+			case <-progress:
+			case <-time.After(time.Minute):
+				t.Fatal("writers made no progress")
+			}
+		}
+	}
+	waitWrites()
+	before := s.top().(*Image).hdr.DataOff
+	st, err := s.Grow(grown)
+	waitWrites()
+	close(stop)
+	wg.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	after := s.top().(*Image).hdr.DataOff
+	t.Logf("grow with relocation (data_off %d -> %d sectors) paused I/O for %v", before, after, st.Pause)
+	if after <= before {
+		t.Fatalf("data_off %d -> %d: the grow relocated nothing", before, after)
+	}
+	disk := make([]byte, size)
+	if _, err := s.ReadAt(disk, 0); err != nil {
+		t.Fatal(err)
+	}
+	m.checkView(t, "disk after grow", disk, time.Now(), time.Now())
+	tail := make([]byte, 1<<20)
+	if _, err := s.ReadAt(tail, grown-int64(len(tail))); err != nil || !allZero(tail) {
+		t.Fatalf("end of the grown disk: %v, zero %v", err, allZero(tail))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := CheckStack(dir); err != nil || !rep.Clean() {
+		t.Fatalf("check stack: %+v %v", rep, err)
+	}
+	qemuCheck(t, filepath.Join(dir, baseFile))
+}
+
+// TestStackOnlineCompactRescan: a cluster found all-zero by the online
+// compaction's scan and written before the pause keeps its new data, and
+// zero clusters of the top that hide lower data stay allocated.
+func TestStackOnlineCompactRescan(t *testing.T) {
+	const (
+		size    = 4 << 20
+		cluster = 64 << 10
+	)
+	dir := filepath.Join(t.TempDir(), "vol")
+	if err := InitStack(dir, InitOptions{Size: size, ClusterSize: cluster}); err != nil {
+		t.Fatal(err)
+	}
+	s := mustOpenStack(t, dir, StackOptions{})
+	defer s.Close()
+	model := make([]byte, size)
+	write := func(p []byte, off int64) {
+		t.Helper()
+		if _, err := s.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	zero := func(off, n int64) {
+		t.Helper()
+		if err := s.WriteZeroes(off, n, true); err != nil {
+			t.Fatal(err)
+		}
+		clear(model[off : off+n])
+	}
+	write(bytes.Repeat([]byte("lower"), 4*cluster/5+1)[:4*cluster], 0)
+	if _, _, err := s.Snapshot(); err != nil {
+		t.Fatal(err)
+	}
+	zero(0, 4*cluster) // hides the lower data: must stay
+	write(bytes.Repeat([]byte("junk"), 1<<18), 1<<20)
+	write(bytes.Repeat([]byte("tail"), cluster/4), 3<<20) // moved down
+	zero(1<<20, 1<<20)
+	fresh := bytes.Repeat([]byte("fresh"), cluster/5)
+	s.top().(*Image).hooks = &hooks{fn: func(point string) {
+		if point == "online-compact-scanned" {
+			write(fresh, 1<<20+cluster+7)
+		}
+	}}
+	res, st, err := s.Compact()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("compact paused I/O for %v: %+v", st.Pause, res)
+	want := CompactResult{ZeroClusters: 16 - 2, KeptZeroClusters: 4, MovedClusters: 1}
+	if res.ZeroClusters != want.ZeroClusters || res.KeptZeroClusters != want.KeptZeroClusters || res.MovedClusters < want.MovedClusters {
+		t.Fatalf("compact: %+v, want %+v", res, want)
+	}
+	if got := readAll(t, s); !bytes.Equal(got, model) {
+		t.Fatalf("after compact: %s", firstDiff(got, model))
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if got := readStack(t, dir, ""); !bytes.Equal(got, model) {
+		t.Fatalf("reopened after compact: %s", firstDiff(got, model))
+	}
+	qemuCheckTop(t, dir)
 }
