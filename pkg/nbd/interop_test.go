@@ -111,7 +111,9 @@ func TestNbdcopy(t *testing.T) {
 		t.Fatal(err)
 	}
 	dst, dstPath := newFileBackend(t, size)
-	sock := serveUnix(t, Export{Name: "dst", Backend: dst})
+	// The same file again, read by splicing instead of copying.
+	spliced := &splicingBackend{fileBackend: dst, size: size}
+	sock := serveUnix(t, Export{Name: "dst", Backend: dst}, Export{Name: "spliced", Backend: spliced})
 
 	runTool(t, "nbdcopy", "--flush", "--connections=4", "--requests=16", src, nbdURI(sock, "dst"))
 	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, dstPath)
@@ -122,9 +124,14 @@ func TestNbdcopy(t *testing.T) {
 		t.Errorf("nbdcopy finished without a flush reaching the backend")
 	}
 
-	back := filepath.Join(dir, "back.raw")
-	runTool(t, "nbdcopy", "--connections=4", "--requests=16", nbdURI(sock, "dst"), back)
-	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, back)
+	for _, export := range []string{"dst", "spliced"} {
+		back := filepath.Join(dir, export+".raw")
+		runTool(t, "nbdcopy", "--connections=4", "--requests=16", nbdURI(sock, export), back)
+		runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, back)
+	}
+	if spliced.readFiles.Load() == 0 {
+		t.Errorf("no read of the spliced export was spliced")
+	}
 }
 
 func TestQemuIOAio(t *testing.T) {

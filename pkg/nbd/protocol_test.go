@@ -26,6 +26,12 @@ func newRawClient(t *testing.T, exports ...Export) *rawClient {
 		t.Fatal(err)
 	}
 	a, b := net.Pipe()
+	return startRawClient(t, srv, a, b)
+}
+
+// startRawClient serves b with srv and reads the greeting on a.
+func startRawClient(t *testing.T, srv *Server, a, b net.Conn) *rawClient {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	rc := &rawClient{t: t, c: a, done: make(chan error, 1)}
 	go func() { rc.done <- srv.ServeConn(ctx, b) }()

@@ -8,8 +8,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 
 	"k8s.io/klog/v2"
 )
@@ -43,6 +45,9 @@ type Server struct {
 	// maxInFlight bounds the requests one connection runs concurrently.
 	maxInFlight int
 	bufs        bufPool
+	// zeros is never written: it is the source of zero bytes for spliced
+	// simple replies.
+	zeros []byte
 }
 
 // NewServer checks the exports and returns a server for them.
@@ -50,7 +55,7 @@ func NewServer(exports ...Export) (*Server, error) {
 	if len(exports) == 0 {
 		return nil, errors.New("nbd: no exports")
 	}
-	s := &Server{maxInFlight: 64}
+	s := &Server{maxInFlight: 64, zeros: make([]byte, 64<<10)}
 	seen := map[string]bool{}
 	for i := range exports {
 		e := exports[i]
@@ -161,12 +166,26 @@ type conn struct {
 	werr       error
 	pending    [][]byte
 	owned      [][]byte
+	marks      []spliceMark
 	spareParts [][]byte
 	spareOwned [][]byte
+	spareMarks []spliceMark
+
+	// raw is the socket's descriptor for splicing replies, nil when the
+	// connection has none (then pipes stays disabled).
+	raw   syscall.RawConn
+	pipes pipePool
 }
 
 func (s *Server) newConn(nc net.Conn) *conn {
-	return &conn{srv: s, nc: nc, r: bufio.NewReaderSize(nc, 64<<10)}
+	c := &conn{srv: s, nc: nc, r: bufio.NewReaderSize(nc, 64<<10)}
+	c.pipes.disabled = true
+	if sc, ok := nc.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			c.raw, c.pipes.disabled = rc, false
+		}
+	}
+	return c
 }
 
 // negotiate runs the handshake. It returns the export to serve, or nil
@@ -383,6 +402,7 @@ func (c *conn) transmit(ctx context.Context, exp *Export) error {
 	defer func() {
 		close(jobs)
 		wg.Wait()
+		c.pipes.closeAll()
 	}()
 	idle := 0 // see below; only this goroutine spawns workers
 	var idleMu sync.Mutex
@@ -471,6 +491,11 @@ func (c *conn) handle(exp *Export, req request, payload []byte) error {
 		}
 		if !inRange {
 			return c.fail(req, errInval, "read beyond end of export")
+		}
+		if fr, ok := b.(FileReader); ok && req.length >= minSplicedRead {
+			if done, err := c.readSpliced(fr, req); done {
+				return err
+			}
 		}
 		return c.read(b, req)
 
@@ -569,6 +594,92 @@ func (c *conn) read(b Backend, req request) error {
 		return c.send(buf, chunkHeader(req.handle, replyFlagDone, replyTypeNone, 0))
 	}
 	return c.send(buf, chunks...)
+}
+
+// readSpliced answers READ from a FileReader through a pipe (see
+// splice.go). It reports false, having sent nothing, when the request must
+// be copied instead.
+func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
+	p := c.pipes.get(int(req.length))
+	if p == nil {
+		return false, nil
+	}
+	type span struct {
+		hole   bool
+		off, n int64
+	}
+	var spans []span
+	pos := int64(req.offset)
+	err := fr.ReadFile(int64(req.offset), int64(req.length), func(f *os.File, fileOff, n int64) error {
+		hole := f == nil && c.structured
+		var err error
+		switch {
+		case f != nil:
+			err = p.fillFile(f, fileOff, n, c.srv.zeros)
+		case !hole:
+			err = p.fillZeros(n, c.srv.zeros)
+		}
+		if err != nil && err != errPipeFull {
+			return &fillError{err}
+		}
+		if err != nil {
+			return err
+		}
+		if k := len(spans); k > 0 && spans[k-1].hole == hole {
+			spans[k-1].n += n
+		} else {
+			spans = append(spans, span{hole, pos, n})
+		}
+		pos += n
+		return nil
+	})
+	switch {
+	case err == nil:
+	case errors.Is(err, errors.ErrUnsupported):
+		c.pipes.put(p) // nothing was filled
+		c.pipes.disable()
+		return false, nil
+	case errors.Is(err, errPipeFull):
+		c.pipes.discard(p)
+		return false, nil
+	default:
+		c.pipes.discard(p)
+		if fe := (*fillError)(nil); errors.As(err, &fe) {
+			// splice itself failed (a filesystem without it): copy
+			// from now on; the copying path reports real I/O errors.
+			klog.V(4).InfoS("nbd: splicing reads failed; copying instead", "err", err)
+			c.pipes.disable()
+			return false, nil
+		}
+		return true, c.done(req, err)
+	}
+	if !c.structured {
+		h := simpleHeader(req.handle, 0)
+		return true, c.sendWith(nil, []spliceMark{{at: 1, p: p, n: int(req.length), last: true}}, [][]byte{h[:]})
+	}
+	parts := make([][]byte, 0, len(spans))
+	var marks []spliceMark
+	for i, s := range spans {
+		flags := uint16(0)
+		if i == len(spans)-1 {
+			flags = replyFlagDone
+		}
+		if s.hole {
+			h := chunkHeader(req.handle, flags, replyTypeHole, 12)
+			h = binary.BigEndian.AppendUint64(h, uint64(s.off))
+			parts = append(parts, binary.BigEndian.AppendUint32(h, uint32(s.n)))
+			continue
+		}
+		h := chunkHeader(req.handle, flags, replyTypeData, 8+uint32(s.n))
+		parts = append(parts, binary.BigEndian.AppendUint64(h, uint64(s.off)))
+		marks = append(marks, spliceMark{at: len(parts), p: p, n: int(s.n)})
+	}
+	if len(marks) == 0 {
+		c.pipes.put(p) // all holes
+	} else {
+		marks[len(marks)-1].last = true
+	}
+	return true, c.sendWith(nil, marks, parts)
 }
 
 // blockStatus answers BLOCK_STATUS for base:allocation.
@@ -698,14 +809,26 @@ func (c *conn) structuredError(req request, errno uint32, msg string) error {
 // connection needs far fewer syscalls than replies. owned, if not nil, is
 // a pool buffer referenced by parts that goes back to the pool once sent.
 func (c *conn) send(owned []byte, parts ...[]byte) error {
+	return c.sendWith(owned, nil, parts)
+}
+
+// sendWith is send for a reply that also carries pipe data: marks (with
+// at relative to parts) say where it goes.
+func (c *conn) sendWith(owned []byte, marks []spliceMark, parts [][]byte) error {
 	c.wmu.Lock()
 	if c.werr != nil {
 		err := c.werr
 		c.wmu.Unlock()
 		c.srv.bufs.put(owned)
+		c.dropMarks(marks)
 		return err
 	}
+	base := len(c.pending)
 	c.pending = append(c.pending, parts...)
+	for _, m := range marks {
+		m.at += base
+		c.marks = append(c.marks, m)
+	}
 	if owned != nil {
 		c.owned = append(c.owned, owned)
 	}
@@ -716,16 +839,17 @@ func (c *conn) send(owned []byte, parts ...[]byte) error {
 	c.writing = true
 	var err error
 	for len(c.pending) > 0 && err == nil {
-		batch, owned := net.Buffers(c.pending), c.owned
-		c.pending, c.owned = c.spareParts[:0], c.spareOwned[:0]
+		batch, owned, marks := c.pending, c.owned, c.marks
+		c.pending, c.owned, c.marks = c.spareParts[:0], c.spareOwned[:0], c.spareMarks[:0]
 		c.wmu.Unlock()
-		_, err = batch.WriteTo(c.nc)
+		err = c.writeOut(batch, marks)
 		for i, b := range owned {
 			c.srv.bufs.put(b)
 			owned[i] = nil
 		}
+		clear(marks)
 		c.wmu.Lock()
-		c.spareParts, c.spareOwned = clearParts(batch[:0:cap(batch)]), owned[:0]
+		c.spareParts, c.spareOwned, c.spareMarks = clearParts(batch[:0:cap(batch)]), owned[:0], marks[:0]
 	}
 	if err != nil {
 		c.werr = fmt.Errorf("nbd: send reply: %w", err)
@@ -733,11 +857,52 @@ func (c *conn) send(owned []byte, parts ...[]byte) error {
 		for _, b := range c.owned {
 			c.srv.bufs.put(b)
 		}
-		c.pending, c.owned = nil, nil
+		c.dropMarks(c.marks)
+		c.pending, c.owned, c.marks = nil, nil, nil
 	}
 	c.writing = false
 	c.wmu.Unlock()
 	return err
+}
+
+// writeOut writes a batch of replies: the byte parts with writev, the
+// pipe data with splice, in order. Pipes go back to the pool once empty;
+// after a failure the ones not emptied are closed.
+func (c *conn) writeOut(parts [][]byte, marks []spliceMark) error {
+	start := 0
+	for i, m := range marks {
+		if m.at > start {
+			bufs := net.Buffers(parts[start:m.at])
+			if _, err := bufs.WriteTo(c.nc); err != nil {
+				c.dropMarks(marks[i:])
+				return err
+			}
+			start = m.at
+		}
+		if err := m.p.drainTo(c.raw, m.n); err != nil {
+			c.dropMarks(marks[i:])
+			return err
+		}
+		if m.last {
+			c.pipes.put(m.p)
+		}
+	}
+	if start < len(parts) {
+		bufs := net.Buffers(parts[start:])
+		if _, err := bufs.WriteTo(c.nc); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// dropMarks closes the pipes of replies that will not be sent.
+func (c *conn) dropMarks(marks []spliceMark) {
+	for _, m := range marks {
+		if m.last {
+			c.pipes.discard(m.p)
+		}
+	}
 }
 
 // clearParts drops references so the spare slice does not pin buffers.

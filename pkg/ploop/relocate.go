@@ -75,6 +75,12 @@ func (img *Image) moveClusters(moves []clusterMove, point string) error {
 			if err := img.readHost(buf, m.from); err != nil {
 				return fmt.Errorf("read cluster %d at %d: %w", m.i, m.from, err)
 			}
+			// Detach whatever pages the destination had (a freed zero
+			// cluster may still be referenced by a spliced read
+			// reply; see fileread.go), so the copy lands in fresh ones.
+			if err := img.s.PunchHole(m.to, img.cs); err != nil {
+				return fmt.Errorf("clear cluster at %d for %d: %w", m.to, m.i, err)
+			}
 			if _, err := img.s.WriteAt(buf, m.to); err != nil {
 				return fmt.Errorf("copy cluster %d to %d: %w", m.i, m.to, err)
 			}

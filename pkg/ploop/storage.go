@@ -37,6 +37,10 @@ type storage interface {
 	// that two processes cannot write one image; it fails with
 	// EWOULDBLOCK when another holds it.
 	LockExclusive() error
+	// pageCacheFile is the open file when its reads go through the page
+	// cache, which is what lets a server splice them to a socket; nil for
+	// O_DIRECT storage.
+	pageCacheFile() *os.File
 	Close() error
 }
 
@@ -90,6 +94,7 @@ type bufferedFile struct {
 	file
 }
 
+func (b *bufferedFile) pageCacheFile() *os.File                  { return b.f }
 func (b *bufferedFile) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
 func (b *bufferedFile) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
 func (b *bufferedFile) ZeroRange(off, n int64) error {
@@ -135,6 +140,8 @@ func isAligned(p []byte, off int64) bool {
 	return off%directAlign == 0 && len(p)%directAlign == 0 &&
 		uintptr(unsafe.Pointer(&p[0]))&(directAlign-1) == 0
 }
+
+func (d *directFile) pageCacheFile() *os.File { return nil }
 
 func (d *directFile) ReadAt(p []byte, off int64) (int, error) {
 	if isAligned(p, off) {
