@@ -59,16 +59,8 @@ func guestMust(t *testing.T, name string, args ...string) string {
 // prints and the running command.
 func startAttach(t *testing.T, args ...string) (string, *exec.Cmd, *bytes.Buffer) {
 	t.Helper()
-	cmd := exec.Command(guestPloopctl(), append([]string{"attach"}, args...)...)
 	stderr := &bytes.Buffer{}
-	cmd.Stderr = stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, out := startCmd(t, stderr, guestPloopctl(), append([]string{"attach"}, args...)...)
 	lines := make(chan string, 1)
 	go func() {
 		l, _ := bufio.NewReader(out).ReadString('\n')

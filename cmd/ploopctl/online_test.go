@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -371,7 +372,6 @@ func TestControlSocketStale(t *testing.T) {
 // must pass qemu-img check.
 func TestOnlineMergeKilled(t *testing.T) {
 	serveNeed(t, "qemu-img", "qemu-io")
-	bin := servePloopctl(t)
 	const toCopy = 40 << 20 // the base's clusters the top lacks
 	survived := 0
 	for i := range 9 {
@@ -379,22 +379,8 @@ func TestOnlineMergeKilled(t *testing.T) {
 			tmp := t.TempDir()
 			dir := filepath.Join(tmp, "vol")
 			mustPloopctl(t, "init", "-s", "64M", "--cluster-size", "64K", dir)
-			sock := filepath.Join(tmp, "nbd.sock")
-			cmd := exec.Command(bin, "serve", "--socket", sock, dir)
-			out, err := cmd.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
+			cmd, _, uri := startServeCmd(t, nil, "--socket", filepath.Join(tmp, "nbd.sock"), dir)
 			defer cmd.Process.Kill()
-			line, err := bufio.NewReader(out).ReadString('\n')
-			if err != nil {
-				cmd.Wait()
-				t.Fatalf("serve printed no URI: %v", err)
-			}
-			uri := strings.TrimSpace(line)
 			serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x11 0 48M", "-c", "flush", uri)
 			guid := strings.TrimSpace(mustPloopctl(t, "snapshot", dir))
 			serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x22 40M 16M", "-c", "flush", uri)
@@ -467,4 +453,105 @@ func topDeltaPath(t *testing.T, dir string) string {
 	}
 	chain := d.Chain()
 	return filepath.Join(dir, chain[len(chain)-1].File)
+}
+
+// TestOnlineOpsKilled SIGKILLs `ploopctl serve` at random moments of an
+// online snapshot, relocating grow and compaction requested over the
+// control socket. None of them changes what the volume reads, so after
+// `check --repair` the stack must read exactly as before (grow: at the old
+// or the new size, zeros past the old), a snapshot that survived must read
+// the same too, and every delta must pass qemu-img check. The first run of
+// each operation is not killed; it measures how long the operation takes,
+// and the later runs kill at a random point of that time.
+func TestOnlineOpsKilled(t *testing.T) {
+	serveNeed(t, "qemu-img", "qemu-io")
+	seed := uint64(time.Now().UnixNano())
+	t.Logf("kill times from seed %d", seed)
+	rng := rand.New(rand.NewPCG(seed, 5))
+	const size, grown = 64 << 20, 260 << 20 // past one 32 KiB BAT cluster: relocation
+	model := make([]byte, size)
+	copy(model, bytes.Repeat([]byte{0x5a}, 32<<20))
+	clear(model[4<<20 : 12<<20])
+	for _, op := range []string{"snapshot", "grow", "compact"} {
+		t.Run(op, func(t *testing.T) {
+			var took time.Duration
+			outcomes := map[string]int{}
+			for i := range 8 {
+				tmp := t.TempDir()
+				dir := filepath.Join(tmp, "vol")
+				mustPloopctl(t, "init", "-s", "64M", "--cluster-size", "32K", dir)
+				cmd, _, uri := startServeCmd(t, nil, "--socket", filepath.Join(tmp, "nbd.sock"), dir)
+				// Data with a discarded hole in the middle, so that
+				// compaction has clusters to move down.
+				serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 32M", "-c", "discard 4M 8M", "-c", "flush", uri)
+				req := controlRequest{Op: op}
+				if op == "grow" {
+					req.Size = grown
+				}
+				done := make(chan error, 1)
+				start := time.Now()
+				go func() {
+					_, err := controlCall(dir, req)
+					done <- err
+				}()
+				var timer *time.Timer
+				if i > 0 {
+					timer = time.AfterFunc(time.Duration(rng.Int64N(int64(took)+1)), func() {
+						cmd.Process.Signal(syscall.SIGKILL)
+					})
+				}
+				err := <-done
+				if i == 0 {
+					if err != nil {
+						t.Fatalf("%s: %v", op, err)
+					}
+					took = time.Since(start)
+				} else if timer.Stop() {
+					outcomes["finished before the kill"]++
+				} else {
+					outcomes["killed"]++
+				}
+				cmd.Process.Signal(syscall.SIGKILL)
+				cmd.Wait()
+				if _, _, code := ploopctl(t, "check", "--repair", dir); code != exitOK {
+					t.Fatalf("run %d: check --repair after the kill: exit %d", i, code)
+				}
+				raw := filepath.Join(tmp, "out.raw")
+				mustPloopctl(t, "convert", dir, raw)
+				got, err := os.ReadFile(raw)
+				if err != nil {
+					t.Fatal(err)
+				}
+				switch {
+				case len(got) == grown && op == "grow":
+					outcomes["grown"]++
+					if !bytes.Equal(got[size:], make([]byte, grown-size)) {
+						t.Fatalf("run %d: the grown part is not zeros", i)
+					}
+					got = got[:size]
+				case len(got) != size:
+					t.Fatalf("run %d: the volume has %d bytes", i, len(got))
+				}
+				if !bytes.Equal(got, model) {
+					t.Fatalf("run %d: volume after kill and repair: %s", i, diffAt(got, model))
+				}
+				d, err := ploop.ReadDescriptor(dir)
+				if err != nil {
+					t.Fatal(err)
+				}
+				chain := d.Chain()
+				if op == "snapshot" && len(chain) > 1 {
+					outcomes["snapshot kept"]++
+					mustPloopctl(t, "convert", "-u", chain[0].GUID, dir, raw+".snap")
+					if snap, err := os.ReadFile(raw + ".snap"); err != nil || !bytes.Equal(snap, model) {
+						t.Fatalf("run %d: the new snapshot does not read as the volume did: %v", i, err)
+					}
+				}
+				for _, im := range chain {
+					serveRun(t, "qemu-img", "check", "-f", "parallels", filepath.Join(dir, im.File))
+				}
+			}
+			t.Logf("%s took %v uninterrupted; %v", op, took, outcomes)
+		})
+	}
 }

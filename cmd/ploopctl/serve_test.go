@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"io"
 	"os"
@@ -64,21 +63,8 @@ func serveRun(t *testing.T, name string, args ...string) string {
 // and a stop function that sends SIGTERM and returns the exit code.
 func startServe(t *testing.T, args ...string) (uri string, stop func() int) {
 	t.Helper()
-	cmd := exec.Command(servePloopctl(t), append([]string{"serve"}, args...)...)
 	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line, err := bufio.NewReader(out).ReadString('\n')
-	if err != nil {
-		cmd.Wait()
-		t.Fatalf("ploopctl serve printed no URI: %v\nstderr: %s", err, stderr.String())
-	}
+	cmd, out, uri := startServeCmd(t, &stderr, args...)
 	stopped := false
 	stop = func() int {
 		stopped = true
@@ -98,7 +84,49 @@ func startServe(t *testing.T, args ...string) (uri string, stop func() int) {
 			stop()
 		}
 	})
-	return strings.TrimSpace(line), stop
+	return uri, stop
+}
+
+// startCmd starts bin with args, its stderr going to stderr, and returns
+// it with its stdout.
+func startCmd(t *testing.T, stderr *bytes.Buffer, bin string, args ...string) (*exec.Cmd, io.ReadCloser) {
+	t.Helper()
+	cmd := exec.Command(bin, args...)
+	cmd.Stderr = stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, out
+}
+
+// startServeCmd starts `ploopctl serve args...` and returns the process,
+// its stdout (past the URI line) and the URI. stderr, when not nil,
+// collects the process's stderr.
+func startServeCmd(t *testing.T, stderr *bytes.Buffer, args ...string) (*exec.Cmd, io.ReadCloser, string) {
+	t.Helper()
+	if stderr == nil {
+		stderr = new(bytes.Buffer)
+	}
+	cmd, out := startCmd(t, stderr, servePloopctl(t), append([]string{"serve"}, args...)...)
+	// One byte at a time, so nothing past the URI line is consumed.
+	var line []byte
+	b := make([]byte, 1)
+	for {
+		if _, err := out.Read(b); err != nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("ploopctl serve printed no URI: %v\nstderr: %s", err, stderr.String())
+		}
+		if b[0] == '\n' {
+			break
+		}
+		line = append(line, b[0])
+	}
+	return cmd, out, strings.TrimSpace(string(line))
 }
 
 func TestServePloopImage(t *testing.T) {
