@@ -619,9 +619,6 @@ func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
 		case !hole:
 			err = p.fillZeros(n, c.srv.zeros)
 		}
-		if err != nil && err != errPipeFull {
-			return &fillError{err}
-		}
 		if err != nil {
 			return err
 		}
@@ -633,21 +630,17 @@ func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
 		pos += n
 		return nil
 	})
-	switch {
-	case err == nil:
-	case errors.Is(err, errors.ErrUnsupported):
-		c.pipes.put(p) // nothing was filled
-		c.pipes.disable()
-		return false, nil
-	case errors.Is(err, errPipeFull):
+	if err != nil {
+		// The pipe may hold part of the reply: it is not reused.
 		c.pipes.discard(p)
-		return false, nil
-	default:
-		c.pipes.discard(p)
-		if fe := (*fillError)(nil); errors.As(err, &fe) {
-			// splice itself failed (a filesystem without it): copy
+		var fe *fillError
+		switch {
+		case errors.Is(err, errPipeFull):
+			return false, nil
+		case errors.Is(err, errors.ErrUnsupported), errors.As(err, &fe):
+			// An O_DIRECT backend, or a filesystem without splice: copy
 			// from now on; the copying path reports real I/O errors.
-			klog.V(4).InfoS("nbd: splicing reads failed; copying instead", "err", err)
+			klog.V(4).InfoS("nbd: reads cannot be spliced; copying instead", "err", err)
 			c.pipes.disable()
 			return false, nil
 		}

@@ -124,12 +124,13 @@ func (p *pipe) fillZeros(n int64, zeros []byte) error {
 	return nil
 }
 
-// fillFailed names a full (non-blocking) pipe for what it is.
+// fillFailed names a full (non-blocking) pipe for what it is, and tells
+// any other failure apart from the backend's own errors.
 func fillFailed(err error) error {
 	if err == unix.EAGAIN {
 		return errPipeFull
 	}
-	return err
+	return &fillError{err}
 }
 
 // drainTo splices n bytes from the pipe into the socket behind rc,

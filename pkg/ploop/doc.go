@@ -26,6 +26,8 @@
 // storage.go (pread/pwrite, fdatasync, hole punching, optional O_DIRECT).
 package ploop
 
+import "os"
+
 // OpenOptions select how an image file is opened.
 type OpenOptions struct {
 	// ReadOnly refuses writes; the file is opened O_RDONLY and the
@@ -53,6 +55,9 @@ type Disk interface {
 	// Extent reports the run of equally allocated bytes at off: its
 	// length n (0 < n <= length) and whether it is allocated.
 	Extent(off, length int64) (n int64, allocated bool, err error)
+	// ReadFile maps a range to the file pieces that hold it (see
+	// fileread.go), for servers that splice instead of copying.
+	ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error
 	ReadOnly() bool
 	Close() error
 }

@@ -26,11 +26,8 @@ import (
 // are. (piece is a plain func type so that a server can name the method in
 // an interface without importing this package.)
 func (img *Image) ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error {
-	f := img.s.pageCacheFile()
-	if f == nil {
-		return errors.ErrUnsupported
-	}
-	if err := checkRange("read", off, length, img.size); err != nil {
+	f, err := pageCacheRange(img.s, off, length, img.size)
+	if err != nil {
 		return err
 	}
 	for done := int64(0); done < length; {
@@ -51,41 +48,33 @@ func (img *Image) ReadFile(off, length int64, piece func(f *os.File, fileOff, n 
 
 // ReadFile is Image.ReadFile for a raw image: one piece.
 func (r *Raw) ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error {
-	f := r.s.pageCacheFile()
-	if f == nil {
-		return errors.ErrUnsupported
-	}
-	if err := checkRange("read", off, length, r.size); err != nil {
+	f, err := pageCacheRange(r.s, off, length, r.size)
+	if err != nil || length == 0 {
 		return err
-	}
-	if length == 0 {
-		return nil
 	}
 	return piece(f, off, length)
 }
 
-// fileReader is a delta that can be read by file range.
-type fileReader interface {
-	ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error
-	// pageCached reports whether ReadFile works (not O_DIRECT).
-	pageCached() bool
+// pageCacheRange returns the file behind s for ReadFile of a disk of size
+// bytes, after checking the range.
+func pageCacheRange(s storage, off, length, size int64) (*os.File, error) {
+	f := s.pageCacheFile()
+	if f == nil {
+		return nil, errors.ErrUnsupported
+	}
+	return f, checkRange("read", off, length, size)
 }
-
-func (img *Image) pageCached() bool { return img.s.pageCacheFile() != nil }
-func (r *Raw) pageCached() bool     { return r.s.pageCacheFile() != nil }
 
 // ReadFile is Image.ReadFile through the chain: each piece comes from the
 // highest delta that has it allocated. The stack's I/O lock is held until
 // the last piece has been handled, so no online operation changes the
 // mapping meanwhile.
 func (s *Stack) ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error {
+	if s.direct { // every delta is opened the same way
+		return errors.ErrUnsupported
+	}
 	s.io.RLock()
 	defer s.io.RUnlock()
-	for _, l := range s.layers {
-		if fr, ok := l.(fileReader); !ok || !fr.pageCached() {
-			return errors.ErrUnsupported
-		}
-	}
 	if err := checkRange("read", off, length, s.size); err != nil {
 		return err
 	}
@@ -110,7 +99,7 @@ func (s *Stack) readLayerFile(i int, off, length int64, piece func(f *os.File, f
 	}
 	l := s.layers[i]
 	if i == 0 {
-		return l.(fileReader).ReadFile(off, length, piece)
+		return l.ReadFile(off, length, piece)
 	}
 	for done := int64(0); done < length; {
 		pos := off + done
@@ -119,7 +108,7 @@ func (s *Stack) readLayerFile(i int, off, length int64, piece func(f *os.File, f
 			return err
 		}
 		if alloc {
-			err = l.(fileReader).ReadFile(pos, n, piece)
+			err = l.ReadFile(pos, n, piece)
 		} else {
 			err = s.readLayerFile(i-1, pos, n, piece)
 		}
