@@ -2,8 +2,10 @@ package ploop
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"slices"
 
@@ -11,8 +13,8 @@ import (
 )
 
 // Compaction gives the filesystem back the space of clusters that hold
-// nothing: all-zero clusters are unallocated (their BAT entry cleared, made
-// durable, then the hole punched), and the clusters at the end of the file
+// nothing: all-zero clusters are unallocated (their BAT entry cleared and
+// made durable), and the clusters at the end of the file
 // move down into the free clusters below (see relocate.go for the order of
 // writes), after which the file is truncated. Contents never change, so an
 // image interrupted at any point is repaired (Repair, RepairStack) into one
@@ -34,26 +36,34 @@ type CompactResult struct {
 
 // Compact compacts a standalone image open for writing: every all-zero
 // cluster is unallocated (which reads the same, as nothing lies below a
-// standalone image). The image must have no I/O in flight; an online
-// caller pauses its server around the call.
+// standalone image). Writes may continue meanwhile, reads may not (an
+// online caller goes through Stack.Compact, which waits out the reads of
+// places before they are reused).
 func (img *Image) Compact() (CompactResult, error) { return img.compact(nil, nil) }
+
+// compactRounds bounds how often compaction plans again when writes
+// allocated clusters past its end while it moved others.
+const compactRounds = 4
 
 // compact does the work; lowerNonZero, when not nil, reports whether the
 // deltas below would read anything but zeros in virtual cluster i, in which
-// case an all-zero cluster i must stay allocated to hide them. only, when
-// not nil, limits the zero scan to those virtual clusters (see
-// zeroCandidates).
-func (img *Image) compact(lowerNonZero func(i int64) (bool, error), only []int64) (CompactResult, error) {
+// case an all-zero cluster i must stay allocated to hide them. barrier,
+// when not nil, returns once every read that started before it has ended.
+// Writes continue throughout: every step that depends on a cluster's
+// contents or location holds its stripe lock.
+func (img *Image) compact(lowerNonZero func(i int64) (bool, error), barrier func()) (CompactResult, error) {
 	var res CompactResult
 	if img.readOnly {
 		return res, fmt.Errorf("compact %s: image is read-only: %w", img.path, unix.EPERM)
 	}
-	img.flushMu.Lock()
-	defer img.flushMu.Unlock()
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	img.allocMu.Lock()
-	defer img.allocMu.Unlock()
+	if img.closed.Load() {
+		return res, fmt.Errorf("compact %s: %w", img.path, os.ErrClosed)
+	}
+	img.maintMu.Lock()
+	defer img.maintMu.Unlock()
+	if barrier == nil {
+		barrier = func() {}
+	}
 	fail := func(err error) (CompactResult, error) {
 		return res, fmt.Errorf("compact %s: %w", img.path, err)
 	}
@@ -61,89 +71,109 @@ func (img *Image) compact(lowerNonZero func(i int64) (bool, error), only []int64
 	if res.FileSizeBefore, err = img.s.Size(); err != nil {
 		return fail(err)
 	}
-	// The BAT on disk must be current before entries change.
-	if err := img.syncMetaLocked(); err != nil {
+	only, kept, err := img.zeroCandidates(lowerNonZero)
+	if err != nil {
 		return fail(err)
 	}
-	if err := img.unallocateZeros(lowerNonZero, only, &res); err != nil {
+	res.KeptZeroClusters = kept
+	img.hooks.at("compact-scanned")
+	if res.ZeroClusters, err = img.unallocateZeros(only); err != nil {
 		return fail(err)
 	}
 	if res.ZeroClusters > 0 {
-		if err := img.syncMetaLocked(); err != nil {
+		img.hooks.at("compact-zeros-unmapped")
+	}
+	for range compactRounds {
+		end, moves := img.planCompaction()
+		if len(moves) > 0 {
+			// Reads of the freed places started before they were freed.
+			barrier()
+			moved, err := img.moveClusters(moves, "compact")
+			res.MovedClusters += moved
+			if err != nil {
+				return fail(err)
+			}
+		}
+		// The switches are durable and nobody reads the old places
+		// any more before the file is cut.
+		if err := img.syncs.Sync(img.s.Sync); err != nil {
 			return fail(err)
 		}
-		img.hooks.at("compact-zeros-unmapped")
-		// No holes are punched: every cluster freed here is either
-		// filled by a move below or cut off by the truncation.
+		barrier()
+		cut, err := img.truncateTail(end)
+		if err != nil {
+			return fail(err)
+		}
+		img.hooks.at("compact-truncated")
+		if cut == end {
+			break
+		}
 	}
-	end, moves := img.planCompaction()
-	res.MovedClusters = int64(len(moves))
-	if err := img.moveClusters(moves, "compact"); err != nil {
+	if err := img.syncs.Sync(img.s.Sync); err != nil {
 		return fail(err)
 	}
-	// Only unreferenced clusters lie past end now.
-	if err := img.s.Truncate(end); err != nil {
-		return fail(fmt.Errorf("truncate to %d: %w", end, err))
-	}
-	img.hooks.at("compact-truncated")
-	if err := img.s.Sync(); err != nil {
+	if res.FileSizeAfter, err = img.s.Size(); err != nil {
 		return fail(err)
 	}
-	img.next = end
-	res.FileSizeAfter = end
 	return res, nil
 }
 
-// unallocateZeros clears the BAT entry (in memory) of every all-zero
-// cluster that may go, among only if it is not nil. The caller holds mu.
-func (img *Image) unallocateZeros(lowerNonZero func(i int64) (bool, error), only []int64, res *CompactResult) error {
+// unallocateZeros clears the BAT entries of the clusters in only that
+// still read as zeros, and makes that durable before any of their places
+// can be reused. Each cluster is checked again under its stripe lock: one
+// written since the scan stays.
+func (img *Image) unallocateZeros(only []int64) (int64, error) {
 	buf, zeros := make([]byte, img.cs), make([]byte, img.cs)
-	n := int64(img.hdr.BATEntries)
-	if only != nil {
-		n = int64(len(only))
-	}
-	for k := range n {
-		i := k
-		if only != nil {
-			i = only[k]
-		}
-		host := img.entry(i)
-		if host == 0 {
-			continue
-		}
-		zero, err := img.clusterIsZero(buf, zeros, host)
-		if err != nil {
-			return fmt.Errorf("read cluster %d: %w", i, err)
-		}
-		if !zero {
-			continue
-		}
-		if lowerNonZero != nil {
-			keep, err := lowerNonZero(i)
+	var n int64
+	for len(only) > 0 {
+		batch := only[:min(len(only), 256)]
+		only = only[len(batch):]
+		var blocks []int64
+		for _, i := range batch {
+			lk := &img.clusterLocks[i%clusterLockStripes]
+			lk.Lock()
+			host := img.lookup(i)
+			zero := false
+			var err error
+			if host != 0 {
+				zero, err = img.clusterIsZero(buf, zeros, host)
+			}
+			if err == nil && zero {
+				img.mu.Lock()
+				blocks = append(blocks, img.setEntry(i, 0))
+				img.mu.Unlock()
+				n++
+			}
+			lk.Unlock()
 			if err != nil {
-				return fmt.Errorf("read below cluster %d: %w", i, err)
-			}
-			if keep {
-				res.KeptZeroClusters++
-				continue
+				return n, fmt.Errorf("read cluster %d: %w", i, err)
 			}
 		}
-		img.setEntry(i, 0)
-		res.ZeroClusters++
+		if len(blocks) == 0 {
+			continue
+		}
+		if err := img.writeBlocks(slices.Compact(blocks)); err != nil {
+			return n, err
+		}
+		if err := img.syncs.Sync(img.s.Sync); err != nil {
+			return n, err
+		}
 	}
-	return nil
+	return n, nil
 }
 
 // zeroCandidates lists the allocated clusters that read as zeros and are
 // not needed to hide lower data (lowerNonZero, as for compact), and counts
 // the zero ones that are. It runs while I/O continues, so the answer may
-// be stale by the time it is used: the caller re-checks the candidates
-// with I/O stopped (a cluster written meanwhile is then kept; one zeroed
-// meanwhile is compacted next time). Only the BAT lookups lock.
+// be stale by the time it is used: unallocateZeros checks each candidate
+// again under its lock (a cluster written meanwhile is then kept; one
+// zeroed meanwhile is compacted next time). Only the BAT lookups lock.
 func (img *Image) zeroCandidates(lowerNonZero func(i int64) (bool, error)) (only []int64, kept int64, _ error) {
 	buf, zeros := make([]byte, img.cs), make([]byte, img.cs)
-	only = []int64{}
-	for i := range int64(img.hdr.BATEntries) {
+	img.mu.RLock()
+	entries := int64(img.hdr.BATEntries)
+	img.mu.RUnlock()
+	for i := range entries {
 		host := img.lookup(i)
 		if host == 0 {
 			continue
@@ -189,19 +219,27 @@ func (img *Image) clusterIsZero(buf, zeros []byte, host int64) (bool, error) {
 }
 
 // planCompaction pairs the clusters past the compacted end of the data
-// area, highest first, with the free clusters below it, lowest first, and
-// returns that end. The caller holds mu.
+// area, highest first, with the free places below it, lowest first, and
+// returns that end. Places reserved by allocations in flight count as used
+// and stay where they are.
 func (img *Image) planCompaction() (int64, []clusterMove) {
+	img.allocMu.Lock()
+	defer img.allocMu.Unlock()
+	img.mu.RLock()
+	defer img.mu.RUnlock()
 	cs := img.cs
 	start := (int64(img.hdr.DataOff)*SectorSize + cs - 1) / cs * cs
-	type used struct{ i, host int64 }
+	type used struct{ i, host int64 } // i < 0: pending, cannot move
 	var all []used
 	for i := range int64(img.hdr.BATEntries) {
 		if host := img.entry(i); host != 0 {
 			all = append(all, used{i, host})
 		}
 	}
-	slices.SortFunc(all, func(a, b used) int { return int(a.host/cs - b.host/cs) })
+	for host := range img.pending {
+		all = append(all, used{-1, host})
+	}
+	slices.SortFunc(all, func(a, b used) int { return cmp.Compare(a.host, b.host) })
 	end := start + int64(len(all))*cs
 	// Free slots below end, in order.
 	var holes []int64
@@ -220,9 +258,35 @@ func (img *Image) planCompaction() (int64, []clusterMove) {
 		if all[k].host < end {
 			break
 		}
-		moves = append(moves, clusterMove{all[k].i, all[k].host, holes[len(moves)]})
+		if all[k].i >= 0 {
+			moves = append(moves, clusterMove{all[k].i, all[k].host, holes[len(moves)]})
+		}
 	}
 	return end, moves
+}
+
+// truncateTail cuts the file after the last used place, but not below
+// end, and sends new allocations there. It returns where it cut: past end
+// when clusters were allocated past it meanwhile.
+func (img *Image) truncateTail(end int64) (int64, error) {
+	img.allocMu.Lock()
+	defer img.allocMu.Unlock()
+	cut := end
+	img.mu.RLock()
+	for i := range int64(img.hdr.BATEntries) {
+		if host := img.entry(i); host != 0 {
+			cut = max(cut, host+img.cs)
+		}
+	}
+	img.mu.RUnlock()
+	for host := range img.pending {
+		cut = max(cut, host+img.cs)
+	}
+	if err := img.s.Truncate(cut); err != nil {
+		return 0, fmt.Errorf("truncate to %d: %w", cut, err)
+	}
+	img.next = cut
+	return cut, nil
 }
 
 // CompactStack compacts the top delta of the (not served) stack in dir.
@@ -264,23 +328,7 @@ func compactStack(dir string, h *hooks) (CompactResult, error) {
 		return res, fmt.Errorf("compact %s: %w", dir, err)
 	}
 	img.hooks = h
-	var lowerNonZero func(i int64) (bool, error)
-	if len(below.layers) > 0 {
-		buf := make([]byte, below.cs)
-		lowerNonZero = func(i int64) (bool, error) {
-			off := i * below.cs
-			n := min(below.cs, img.Size()-off)
-			if n <= 0 {
-				return false, nil
-			}
-			b := buf[:n]
-			if err := below.readLayer(len(below.layers)-1, b, off); err != nil {
-				return false, err
-			}
-			return !allZero(b), nil
-		}
-	}
-	res, err = img.compact(lowerNonZero, nil)
+	res, err = img.compact(below.readsNonZero(len(below.layers)-1), nil)
 	if err != nil {
 		img.Close()
 		return res, fmt.Errorf("compact %s: %w", dir, err)

@@ -36,6 +36,8 @@ type OpenOptions struct {
 	// Direct opens the file with O_DIRECT, bypassing the host page cache
 	// (the guest filesystem has its own); the filesystem must support it.
 	Direct bool
+	// faults, set only by tests, fails chosen storage calls (faults.go).
+	faults faultFunc
 }
 
 // Disk is what Image and Raw both offer: a virtual disk of Size bytes that

@@ -26,7 +26,10 @@ import (
 // are. (piece is a plain func type so that a server can name the method in
 // an interface without importing this package.)
 func (img *Image) ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error {
-	f, err := pageCacheRange(img.s, off, length, img.size)
+	if img.closed.Load() {
+		return fmt.Errorf("read %s: %w", img.path, os.ErrClosed)
+	}
+	f, err := pageCacheRange(img.s, off, length, img.Size())
 	if err != nil {
 		return err
 	}
@@ -48,6 +51,9 @@ func (img *Image) ReadFile(off, length int64, piece func(f *os.File, fileOff, n 
 
 // ReadFile is Image.ReadFile for a raw image: one piece.
 func (r *Raw) ReadFile(off, length int64, piece func(f *os.File, fileOff, n int64) error) error {
+	if r.closed.Load() {
+		return fmt.Errorf("read %s: %w", r.path, os.ErrClosed)
+	}
 	f, err := pageCacheRange(r.s, off, length, r.size)
 	if err != nil || length == 0 {
 		return err
@@ -75,6 +81,9 @@ func (s *Stack) ReadFile(off, length int64, piece func(f *os.File, fileOff, n in
 	}
 	s.io.RLock()
 	defer s.io.RUnlock()
+	if err := s.checkOpen("read"); err != nil {
+		return err
+	}
 	if err := checkRange("read", off, length, s.size); err != nil {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -20,48 +21,67 @@ var ErrInUse = errors.New("image was not closed cleanly (in-use mark set): run `
 // ErrCorrupt says Check found problems that make the image unsafe to open.
 var ErrCorrupt = errors.New("image is inconsistent: run `ploopctl check --repair` on it first")
 
-// metaBlock is the unit in which dirty parts of the header and BAT are
-// written back (a page, also the O_DIRECT alignment).
+// metaBlock is the unit in which the header and BAT are written (a page,
+// also the O_DIRECT alignment).
 const metaBlock = 4096
 
-// clusterLockStripes is how many locks serialize allocation and discard
-// of virtual clusters (cluster i uses lock i % clusterLockStripes).
-const clusterLockStripes = 256
+// clusterLockStripes is how many locks guard virtual clusters (cluster i
+// uses lock i % clusterLockStripes).
+const clusterLockStripes = 1024
 
 // Image is one open ploop image (a single delta).
 //
-// Reads and writes may come from many goroutines. Writes to allocated
-// clusters and all reads take only a read lock on the BAT; allocating or
-// discarding a cluster takes that cluster's stripe lock while the data is
-// written, and the BAT write lock only to publish the new entry.
+// Reads and writes may come from many goroutines. Reads take no cluster
+// lock: they look up the BAT and read the file. A write to an allocated
+// cluster holds that cluster's stripe lock shared from the lookup until its
+// data is written; allocating, discarding and moving a cluster hold it
+// exclusively. Moves (compaction, relocating grow) therefore never copy a
+// cluster while a write to it is in flight, and the I/O of the rest of the
+// disk goes on meanwhile. A file range given up by one cluster is only
+// reused after a barrier (see Stack.barrier) has waited out the reads that
+// may still be looking at it.
+//
+// Every BAT change is written to the file as it is made (publish), so the
+// page cache always holds the current BAT and a killed process loses
+// nothing it acknowledged; Flush is an fdatasync.
 type Image struct {
 	path     string
 	s        storage
 	readOnly bool
-	hdr      Header
 	cs       int64
-	size     int64
+	// size is the virtual size; atomic because Grow changes it while
+	// requests check their ranges against it.
+	size atomic.Int64
 
 	mu sync.RWMutex
-	// meta is the header and BAT exactly as on disk (header with the
-	// in-use mark while open for writing).
+	// hdr is the header as on disk.
+	hdr Header
+	// meta is the header and BAT exactly as written to the file (header
+	// with the in-use mark while open for writing).
 	meta []byte
-	// dirty marks metaBlocks changed since the last Flush.
-	dirty map[int64]struct{}
 
 	allocMu sync.Mutex
 	// next is the file offset of the next cluster to allocate; the file
 	// is always at least this long.
 	next int64
+	// pending holds the host offsets reserved by allocations that have not
+	// published them yet: compaction must neither fill nor cut them off.
+	pending map[int64]struct{}
+	// unpended is signalled when a pending offset is published or dropped.
+	unpended *sync.Cond
 
-	clusterLocks [clusterLockStripes]sync.Mutex
-	flushMu      sync.Mutex
-	// writeThroughMu orders the write-through of BAT blocks (publish), so
-	// the last copy written of a block is its newest state; writeThroughBuf
-	// is the copy, reused under the lock.
+	clusterLocks [clusterLockStripes]sync.RWMutex
+	// writeThroughMu orders the writes of BAT blocks, so that the last
+	// copy written of a block is its newest state; writeThroughBuf is the
+	// copy, reused under the lock.
 	writeThroughMu  sync.Mutex
 	writeThroughBuf []byte
-	closed          bool
+	// syncs batches concurrent fdatasyncs (Flush, ordered allocations).
+	syncs groupSync
+	// maintMu serializes the operations that move clusters or change the
+	// size (Grow, Compact) with each other.
+	maintMu sync.Mutex
+	closed  atomic.Bool
 	// hooks lets crash tests stop Compact and a relocating Grow between
 	// steps; nil in normal use.
 	hooks *hooks
@@ -75,6 +95,8 @@ type CreateOptions struct {
 	ClusterSize int64
 	// Direct opens the new image with O_DIRECT.
 	Direct bool
+	// faults, set only by tests, fails chosen storage calls (faults.go).
+	faults faultFunc
 }
 
 // Create makes a new empty version 2 image at path (which must not exist)
@@ -113,7 +135,7 @@ func Create(path string, opts CreateOptions) (*Image, error) {
 		os.Remove(path)
 		return nil, fmt.Errorf("create %s: %w", path, err)
 	}
-	img, err := Open(path, OpenOptions{Direct: opts.Direct})
+	img, err := Open(path, OpenOptions{Direct: opts.Direct, faults: opts.faults})
 	if err != nil {
 		os.Remove(path)
 		return nil, err
@@ -150,6 +172,9 @@ func Open(path string, opts OpenOptions) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open: %w", err)
 	}
+	if s, err = opts.faults.wrap(s, path); err != nil {
+		return nil, fmt.Errorf("open: %w", err)
+	}
 	img, err := open(s, path, opts)
 	if err != nil {
 		s.Close()
@@ -180,9 +205,11 @@ func open(s storage, path string, opts OpenOptions) (*Image, error) {
 	}
 	img := &Image{
 		path: path, s: s, readOnly: opts.ReadOnly,
-		hdr: *h, cs: h.ClusterSize(), size: h.Size(),
-		meta: meta, dirty: map[int64]struct{}{},
+		hdr: *h, cs: h.ClusterSize(), meta: meta,
+		pending: map[int64]struct{}{},
 	}
+	img.size.Store(h.Size())
+	img.unpended = sync.NewCond(&img.allocMu)
 	if opts.ReadOnly {
 		return img, nil
 	}
@@ -209,19 +236,20 @@ func open(s storage, path string, opts OpenOptions) (*Image, error) {
 	return img, nil
 }
 
+// writeHeader writes img.hdr into the first metadata block and makes it
+// durable.
 func (img *Image) writeHeader() error {
 	img.mu.Lock()
 	img.hdr.put(img.meta[:HeaderSize])
-	hb := append([]byte(nil), img.meta[:HeaderSize]...)
 	img.mu.Unlock()
-	if _, err := img.s.WriteAt(hb, 0); err != nil {
+	if err := img.writeBlocks([]int64{0}); err != nil {
 		return err
 	}
 	return img.s.Sync()
 }
 
 // Size is the virtual size in bytes.
-func (img *Image) Size() int64 { return img.size }
+func (img *Image) Size() int64 { return img.size.Load() }
 
 // ClusterSize is the cluster size in bytes.
 func (img *Image) ClusterSize() int64 { return img.cs }
@@ -255,9 +283,9 @@ func (img *Image) lookup(i int64) int64 {
 	return img.entry(i)
 }
 
-// setEntry publishes host as the location of virtual cluster i (0 =
-// unallocated) and marks the BAT block dirty. The caller holds mu.
-func (img *Image) setEntry(i, host int64) {
+// setEntry sets the location of virtual cluster i (0 = unallocated) in
+// memory and returns the metadata block to write. The caller holds mu.
+func (img *Image) setEntry(i, host int64) int64 {
 	var e uint32
 	if host != 0 {
 		var ok bool
@@ -268,12 +296,12 @@ func (img *Image) setEntry(i, host int64) {
 	}
 	pos := HeaderSize + 4*i
 	binary.LittleEndian.PutUint32(img.meta[pos:], e)
-	img.dirty[pos/metaBlock] = struct{}{}
+	return pos / metaBlock
 }
 
 // ReadAt reads len(p) bytes at off. Unallocated clusters read as zeros.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if err := checkRange("read", off, int64(len(p)), img.size); err != nil {
+	if err := img.checkRead("read", off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	done := 0
@@ -335,16 +363,8 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
-		host, n := img.run(pos, len(p)-done)
-		var err error
-		if host != 0 {
-			_, err = img.s.WriteAt(p[done:done+n], host)
-		} else {
-			// One cluster at a time: each allocation is separate.
-			n = int(min(int64(n), img.cs-pos%img.cs))
-			err = img.allocate(pos, p[done:done+n])
-		}
-		if err != nil {
+		n := int(min(int64(len(p)-done), img.cs-pos%img.cs))
+		if err := img.writeCluster(p[done:done+n], pos); err != nil {
 			return done, fmt.Errorf("write %s at %d: %w", img.path, pos, err)
 		}
 		done += n
@@ -352,9 +372,26 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	return done, nil
 }
 
+// writeCluster writes p at pos, inside one cluster.
+func (img *Image) writeCluster(p []byte, pos int64) error {
+	i := pos / img.cs
+	lk := &img.clusterLocks[i%clusterLockStripes]
+	lk.RLock()
+	if host := img.lookup(i); host != 0 {
+		_, err := img.s.WriteAt(p, host+pos%img.cs)
+		lk.RUnlock()
+		return err
+	}
+	lk.RUnlock()
+	return img.allocate(pos, p, false)
+}
+
 // allocate writes p at virtual offset pos inside one cluster that was
-// unallocated when looked up. data == nil allocates a zero cluster.
-func (img *Image) allocate(pos int64, p []byte) error {
+// unallocated when looked up. With ordered, the data is made durable before
+// the BAT entry is written: a cluster that hides a lower delta (a copy-up)
+// must never be found allocated without its data after a power loss, or
+// its untouched part would read as zeros instead of the lower data.
+func (img *Image) allocate(pos int64, p []byte, ordered bool) error {
 	i := pos / img.cs
 	lk := &img.clusterLocks[i%clusterLockStripes]
 	lk.Lock()
@@ -372,6 +409,13 @@ func (img *Image) allocate(pos int64, p []byte) error {
 	// the written part needs writing: the cluster stays sparse.
 	if len(p) > 0 {
 		if _, err := img.s.WriteAt(p, host+pos%img.cs); err != nil {
+			img.unpend(host)
+			return err
+		}
+	}
+	if ordered {
+		if err := img.syncs.Sync(img.s.Sync); err != nil {
+			img.unpend(host)
 			return err
 		}
 	}
@@ -384,88 +428,79 @@ func (img *Image) allocate(pos int64, p []byte) error {
 // the next Flush, the restarted server must still find the cluster, and the
 // page cache outlives the process. A power loss before Flush may persist the
 // entry before the data, which then reads as the zeros a freshly reserved
-// cluster holds: an unflushed write lost, never another cluster's data.
+// cluster holds: an unflushed write lost, never another cluster's data
+// (allocations that must not read as zeros are ordered, see allocate).
 func (img *Image) publish(i, host int64) error {
 	img.mu.Lock()
-	img.setEntry(i, host)
+	b := img.setEntry(i, host)
 	img.mu.Unlock()
-	b := (HeaderSize + 4*i) / metaBlock
+	if host != 0 {
+		img.unpend(host)
+	}
+	return img.writeBlocks([]int64{b})
+}
+
+// writeBlocks writes metadata blocks from their current state in memory.
+// Every writer copies the block under writeThroughMu, so the copy written
+// last is the newest: an older copy never lands over a newer one.
+func (img *Image) writeBlocks(blocks []int64) error {
 	img.writeThroughMu.Lock()
 	defer img.writeThroughMu.Unlock()
-	img.mu.RLock()
-	start := b * metaBlock
-	end := min(start+metaBlock, int64(len(img.meta)))
-	img.writeThroughBuf = append(img.writeThroughBuf[:0], img.meta[start:end]...)
-	img.mu.RUnlock()
-	// The block stays dirty: Flush writes it again after the data's fsync.
-	if _, err := img.s.WriteAt(img.writeThroughBuf, start); err != nil {
-		return fmt.Errorf("write BAT block %d of %s: %w", b, img.path, err)
+	for _, b := range blocks {
+		img.mu.RLock()
+		start := b * metaBlock
+		end := min(start+metaBlock, int64(len(img.meta)))
+		img.writeThroughBuf = append(img.writeThroughBuf[:0], img.meta[start:end]...)
+		img.mu.RUnlock()
+		if _, err := img.s.WriteAt(img.writeThroughBuf, start); err != nil {
+			return fmt.Errorf("write BAT block %d of %s: %w", b, img.path, err)
+		}
 	}
 	return nil
 }
 
 // reserve takes the next cluster at the end of the file and extends the
 // file over it. Extending here, under allocMu, keeps the file size growing
-// monotonically ahead of every data write.
+// monotonically ahead of every data write. The offset stays pending until
+// publish or unpend.
 func (img *Image) reserve() (int64, error) {
 	img.allocMu.Lock()
 	defer img.allocMu.Unlock()
 	host := img.next
-	if _, ok := img.hdr.offsetToEntry(host); !ok {
+	img.mu.RLock()
+	_, ok := img.hdr.offsetToEntry(host)
+	img.mu.RUnlock()
+	if !ok {
 		return 0, fmt.Errorf("file offset %d is past what the BAT can address: %w", host, unix.EFBIG)
 	}
 	if err := img.s.Truncate(host + img.cs); err != nil {
 		return 0, err
 	}
 	img.next = host + img.cs
+	img.pending[host] = struct{}{}
 	return host, nil
 }
 
-// Flush makes every completed write durable: fsync the data, then write the
-// BAT blocks that refer to it, then fsync again.
+// unpend drops host from the pending reservations: it is published, or
+// given up (a leak inside the file, harmless, trimmed or reused by
+// compaction).
+func (img *Image) unpend(host int64) {
+	img.allocMu.Lock()
+	delete(img.pending, host)
+	img.allocMu.Unlock()
+	img.unpended.Broadcast()
+}
+
+// Flush makes every completed write durable. The BAT blocks are in the
+// file already (publish), so one fdatasync covers data and BAT alike.
 func (img *Image) Flush() error {
+	if img.closed.Load() {
+		return fmt.Errorf("flush %s: %w", img.path, os.ErrClosed)
+	}
 	if img.readOnly {
 		return nil
 	}
-	img.flushMu.Lock()
-	defer img.flushMu.Unlock()
-	// Snapshot the dirty BAT blocks first: every entry in them was set
-	// after its data was written, so the fsync below covers that data.
-	type block struct {
-		idx  int64
-		data []byte
-	}
-	img.mu.Lock()
-	blocks := make([]block, 0, len(img.dirty))
-	for b := range img.dirty {
-		start := b * metaBlock
-		end := min(start+metaBlock, int64(len(img.meta)))
-		blocks = append(blocks, block{b, append([]byte(nil), img.meta[start:end]...)})
-	}
-	clear(img.dirty)
-	img.mu.Unlock()
-	redirty := func() {
-		img.mu.Lock()
-		for _, b := range blocks {
-			img.dirty[b.idx] = struct{}{}
-		}
-		img.mu.Unlock()
-	}
-	if err := img.s.Sync(); err != nil {
-		redirty()
-		return fmt.Errorf("flush %s: %w", img.path, err)
-	}
-	if len(blocks) == 0 {
-		return nil
-	}
-	for _, b := range blocks {
-		if _, err := img.s.WriteAt(b.data, b.idx*metaBlock); err != nil {
-			redirty()
-			return fmt.Errorf("flush %s: write BAT: %w", img.path, err)
-		}
-	}
-	if err := img.s.Sync(); err != nil {
-		redirty()
+	if err := img.syncs.Sync(img.s.Sync); err != nil {
 		return fmt.Errorf("flush %s: %w", img.path, err)
 	}
 	return nil
@@ -518,18 +553,21 @@ func (img *Image) zeroCluster(i, within, n int64, noHole bool) error {
 			return err
 		}
 		if err := img.s.ZeroRange(host, img.cs); err != nil {
+			img.unpend(host)
 			return err
 		}
 		return img.publish(i, host)
 	case noHole:
 		return img.s.ZeroRange(host+within, n)
-	case within == 0 && (n == img.cs || i*img.cs+n == img.size):
+	case within == 0 && (n == img.cs || i*img.cs+n == img.Size()):
 		// The whole cluster (the last one may be partly past the end of
-		// the disk). Unpublish first so that no new reader is sent to the hole.
-		if err := img.publish(i, 0); err != nil {
+		// the disk). The hole is punched while the entry still points at
+		// it, so that the range is never free for compaction to fill
+		// before the punch has happened; readers meanwhile see zeros.
+		if err := img.s.PunchHole(host, img.cs); err != nil {
 			return err
 		}
-		return img.s.PunchHole(host, img.cs)
+		return img.publish(i, 0)
 	default:
 		return img.s.PunchHole(host+within, n)
 	}
@@ -538,7 +576,7 @@ func (img *Image) zeroCluster(i, within, n int64, noHole bool) error {
 // Extent reports the run of equally allocated bytes starting at off, at most
 // length bytes long.
 func (img *Image) Extent(off, length int64) (int64, bool, error) {
-	if err := checkRange("extent", off, length, img.size); err != nil {
+	if err := img.checkRead("extent", off, length); err != nil {
 		return 0, false, err
 	}
 	if length == 0 {
@@ -570,13 +608,14 @@ func (img *Image) Map() []Mapping {
 	img.mu.RLock()
 	defer img.mu.RUnlock()
 	var out []Mapping
-	clusters := (img.size + img.cs - 1) / img.cs
+	size := img.Size()
+	clusters := (size + img.cs - 1) / img.cs
 	for i := range clusters {
 		host := img.entry(i)
 		if host == 0 {
 			continue
 		}
-		length := min(img.cs, img.size-i*img.cs)
+		length := min(img.cs, size-i*img.cs)
 		if k := len(out) - 1; k >= 0 && out[k].Offset+out[k].Length == i*img.cs && out[k].Host+out[k].Length == host {
 			out[k].Length += length
 			continue
@@ -604,12 +643,13 @@ func (img *Image) FileSize() (int64, error) { return img.s.Size() }
 
 // Close flushes, trims clusters freed at the end of the file, clears the
 // in-use mark and closes the file. After a failed Close the in-use mark
-// stays set and the image needs a check before it is written again.
+// stays set and the image needs a check before it is written again. Every
+// call after Close fails with an error wrapping os.ErrClosed; the caller
+// must not close an image that has requests in flight.
 func (img *Image) Close() error {
-	if img.closed {
+	if !img.closed.CompareAndSwap(false, true) {
 		return fmt.Errorf("close %s: %w", img.path, os.ErrClosed)
 	}
-	img.closed = true
 	if img.readOnly {
 		return img.s.Close()
 	}
@@ -621,8 +661,8 @@ func (img *Image) Close() error {
 }
 
 func (img *Image) closeClean() error {
-	if err := img.Flush(); err != nil {
-		return err
+	if err := img.syncs.Sync(img.s.Sync); err != nil {
+		return fmt.Errorf("close %s: %w", img.path, err)
 	}
 	// Discarded or unused clusters at the end would count as a leak.
 	img.mu.RLock()
@@ -640,16 +680,26 @@ func (img *Image) closeClean() error {
 			return fmt.Errorf("close %s: trim: %w", img.path, err)
 		}
 	}
+	img.mu.Lock()
 	img.hdr.InUse = 0
+	img.mu.Unlock()
 	if err := img.writeHeader(); err != nil {
 		return fmt.Errorf("close %s: clear in-use mark: %w", img.path, err)
 	}
 	return nil
 }
 
+// checkRead refuses calls on a closed image and ranges outside the disk.
+func (img *Image) checkRead(op string, off, length int64) error {
+	if img.closed.Load() {
+		return fmt.Errorf("%s %s: %w", op, img.path, os.ErrClosed)
+	}
+	return checkRange(op, off, length, img.Size())
+}
+
 func (img *Image) checkWrite(op string, off, length int64) error {
 	if img.readOnly {
 		return fmt.Errorf("%s %s: image is read-only: %w", op, img.path, unix.EPERM)
 	}
-	return checkRange(op, off, length, img.size)
+	return img.checkRead(op, off, length)
 }

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,6 +18,7 @@ type Raw struct {
 	s        storage
 	size     int64
 	readOnly bool
+	closed   atomic.Bool
 }
 
 // OpenRaw opens a raw image file with buffered I/O. Its virtual size is the
@@ -39,6 +41,9 @@ func OpenRawWith(path string, opts OpenOptions) (*Raw, error) {
 	}
 	s, err := openStorage(path, opts.ReadOnly, opts.Direct)
 	if err != nil {
+		return nil, fmt.Errorf("open raw image: %w", err)
+	}
+	if s, err = opts.faults.wrap(s, path); err != nil {
 		return nil, fmt.Errorf("open raw image: %w", err)
 	}
 	if !opts.ReadOnly {
@@ -66,7 +71,7 @@ func (r *Raw) Path() string { return r.path }
 
 // ReadAt reads len(p) bytes at off; the range must lie inside the image.
 func (r *Raw) ReadAt(p []byte, off int64) (int, error) {
-	if err := checkRange("read", off, int64(len(p)), r.size); err != nil {
+	if err := r.checkRead("read", off, int64(len(p))); err != nil {
 		return 0, err
 	}
 	n, err := r.s.ReadAt(p, off)
@@ -92,6 +97,9 @@ func (r *Raw) WriteAt(p []byte, off int64) (int, error) {
 
 // Flush makes every completed write durable.
 func (r *Raw) Flush() error {
+	if r.closed.Load() {
+		return fmt.Errorf("flush %s: %w", r.path, os.ErrClosed)
+	}
 	if r.readOnly {
 		return nil
 	}
@@ -136,7 +144,7 @@ func (r *Raw) WriteZeroes(off, length int64, noHole bool) error {
 // Extent reports the run of equally allocated bytes starting at off, at most
 // length bytes long, from the file's data and holes.
 func (r *Raw) Extent(off, length int64) (int64, bool, error) {
-	if err := checkRange("extent", off, length, r.size); err != nil {
+	if err := r.checkRead("extent", off, length); err != nil {
 		return 0, false, err
 	}
 	if length == 0 {
@@ -166,9 +174,13 @@ func (r *Raw) Extent(off, length int64) (int64, bool, error) {
 	return min(hole-off, length), true, nil
 }
 
-// Close flushes a writable image and closes the file.
+// Close flushes a writable image and closes the file. Every call after
+// Close fails with an error wrapping os.ErrClosed.
 func (r *Raw) Close() error {
 	ferr := r.Flush()
+	if !r.closed.CompareAndSwap(false, true) {
+		return fmt.Errorf("close %s: %w", r.path, os.ErrClosed)
+	}
 	if err := r.s.Close(); err != nil {
 		return fmt.Errorf("close %s: %w", r.path, err)
 	}
@@ -178,6 +190,13 @@ func (r *Raw) Close() error {
 func (r *Raw) checkWrite(op string, off, length int64) error {
 	if r.readOnly {
 		return fmt.Errorf("%s %s: image is read-only: %w", op, r.path, unix.EPERM)
+	}
+	return r.checkRead(op, off, length)
+}
+
+func (r *Raw) checkRead(op string, off, length int64) error {
+	if r.closed.Load() {
+		return fmt.Errorf("%s %s: %w", op, r.path, os.ErrClosed)
 	}
 	return checkRange(op, off, length, r.size)
 }

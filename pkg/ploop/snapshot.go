@@ -330,8 +330,9 @@ func foldInto(dir string, d *Descriptor, view []DescriptorImg, upper DescriptorI
 const foldWorkers = 4
 
 // foldCluster copies the cluster at start from src to dst unless dst has
-// it or src has nothing there.
-func foldCluster(src *Stack, dst *Image, b []byte, start int64, becomesBase bool) error {
+// it or src has nothing there. The copy hides what lies below dst, so its
+// data is made durable before its BAT entry (see Image.allocate).
+func foldCluster(src Disk, dst *Image, b []byte, start int64, becomesBase bool) error {
 	clen := int64(len(b))
 	if _, alloc, err := dst.Extent(start, clen); err != nil || alloc {
 		return err
@@ -345,8 +346,7 @@ func foldCluster(src *Stack, dst *Image, b []byte, start int64, becomesBase bool
 	if becomesBase && allZero(b) {
 		return nil
 	}
-	_, err := dst.WriteAt(b, start)
-	return err
+	return dst.allocate(start, b, true)
 }
 
 func allZero(b []byte) bool {
@@ -376,17 +376,20 @@ func removeDeltas(dir string, ims []DescriptorImg, h *hooks) error {
 // frees them), with a new empty top. It costs O(chain length). The clone is
 // built in a temporary directory next to dstDir and renamed into place, so
 // a crash leaves either no dstDir or the complete clone.
+//
+// The source may be open and served meanwhile: Clone takes no lock on it
+// and reads only its descriptor (replaced atomically) and the snapshot's
+// deltas, which are frozen. The one change a frozen delta can see is a
+// merge of the snapshot below it into it (DeleteSnapshot), which keeps
+// what every chain through it reads; a delta the merge removes before it
+// was linked makes Clone fail with os.ErrNotExist, and a retry reads the
+// new descriptor.
 func Clone(srcDir, guid, dstDir string) error { return cloneStack(srcDir, guid, dstDir, nil) }
 
 func cloneStack(srcDir, guid, dstDir string, h *hooks) error {
 	if _, err := os.Lstat(dstDir); err == nil {
 		return fmt.Errorf("clone to %s: %w", dstDir, os.ErrExist)
 	}
-	unlock, err := lockDir(srcDir)
-	if err != nil {
-		return fmt.Errorf("clone %s: %w", srcDir, err)
-	}
-	defer unlock()
 	d, err := ReadDescriptor(srcDir)
 	if err != nil {
 		return fmt.Errorf("clone: %w", err)

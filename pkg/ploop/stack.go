@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -32,6 +33,7 @@ type Stack struct {
 	size, cs int64
 	readOnly bool
 	direct   bool // deltas reopened by online operations keep O_DIRECT
+	faults   faultFunc
 	lock     *os.File
 
 	// clusterLocks serialize the copy-up of a cluster with other writes
@@ -58,6 +60,9 @@ type StackOptions struct {
 	// Snapshot, when set, opens the state the snapshot with this GUID
 	// froze (read-only): the chain from the base up to that delta.
 	Snapshot string
+	// faults, set only by tests, fails chosen storage calls of every
+	// delta the stack opens (faults.go).
+	faults faultFunc
 }
 
 // InitOptions describe a new stack.
@@ -174,7 +179,7 @@ func OpenStack(dir string, opts StackOptions) (*Stack, error) {
 	if opts.Snapshot != "" {
 		opts.ReadOnly = true
 	}
-	s := &Stack{dir: dir, readOnly: opts.ReadOnly, direct: opts.Direct}
+	s := &Stack{dir: dir, readOnly: opts.ReadOnly, direct: opts.Direct, faults: opts.faults}
 	if !opts.ReadOnly {
 		f, err := openDirLocked(dir)
 		if err != nil {
@@ -200,7 +205,7 @@ func OpenStack(dir string, opts StackOptions) (*Stack, error) {
 	s.size, s.cs = d.Size(), d.ClusterSize()
 	for i, im := range s.chain {
 		ro := opts.ReadOnly || i < len(s.chain)-1
-		l, err := openLayer(dir, im, OpenOptions{ReadOnly: ro, Direct: opts.Direct}, s.size, s.cs)
+		l, err := openLayer(dir, im, s.layerOptions(ro), s.size, s.cs)
 		if err != nil {
 			s.closeAll()
 			return nil, fmt.Errorf("open stack %s: %w", dir, err)
@@ -266,6 +271,11 @@ func openLayer(dir string, im DescriptorImg, opts OpenOptions, size, cs int64) (
 	return img, nil
 }
 
+// layerOptions are the options for opening one of the stack's deltas.
+func (s *Stack) layerOptions(readOnly bool) OpenOptions {
+	return OpenOptions{ReadOnly: readOnly, Direct: s.direct, faults: s.faults}
+}
+
 func (s *Stack) closeAll() error {
 	var first error
 	for _, l := range s.layers {
@@ -283,6 +293,17 @@ func (s *Stack) closeAll() error {
 
 // Dir is the stack directory.
 func (s *Stack) Dir() string { return s.dir }
+
+// barrier returns once every I/O call that started before it has ended:
+// the only way to know nobody still reads a file range that an online
+// operation is about to reuse. It pauses I/O for no longer than the
+// slowest request in flight and reports how long it held it.
+func (s *Stack) barrier() time.Duration {
+	t0 := time.Now()
+	s.io.Lock()
+	s.io.Unlock()
+	return time.Since(t0)
+}
 
 // Size is the virtual size in bytes.
 func (s *Stack) Size() int64 {
@@ -306,11 +327,51 @@ func (s *Stack) Depth() int {
 
 func (s *Stack) top() Disk { return s.layers[len(s.layers)-1] }
 
+// topImage is the top delta as an image; it is one whenever there are
+// deltas below it (only a base may be raw).
+func (s *Stack) topImage() *Image { return s.top().(*Image) }
+
+// checkOpen refuses I/O on a closed stack: closed by Close, or by an
+// online operation that could not leave it in a servable state. The
+// caller holds io.
+func (s *Stack) checkOpen(op string) error {
+	if s.closed {
+		return fmt.Errorf("%s %s: %w", op, s.dir, os.ErrClosed)
+	}
+	return nil
+}
+
+// readsNonZero returns a function reporting whether the deltas up to
+// layer top read anything but zeros in virtual cluster i, or nil when
+// there is nothing there (top < 0). The stack's size must not change while
+// it is used.
+func (s *Stack) readsNonZero(top int) func(i int64) (bool, error) {
+	if top < 0 {
+		return nil
+	}
+	buf := make([]byte, s.cs)
+	return func(i int64) (bool, error) {
+		off := i * s.cs
+		n := min(s.cs, s.size-off)
+		if n <= 0 {
+			return false, nil
+		}
+		b := buf[:n]
+		if err := s.readLayer(top, b, off); err != nil {
+			return false, err
+		}
+		return !allZero(b), nil
+	}
+}
+
 // ReadAt reads through the chain: each range comes from the highest delta
 // that has it allocated.
 func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
 	s.io.RLock()
 	defer s.io.RUnlock()
+	if err := s.checkOpen("read"); err != nil {
+		return 0, err
+	}
 	if err := checkRange("read", off, int64(len(p)), s.size); err != nil {
 		return 0, err
 	}
@@ -441,17 +502,19 @@ func (s *Stack) writeCluster(p []byte, pos int64) error {
 		return err
 	}
 	copy(buf[pos-start:], p)
-	_, err = top.WriteAt(buf, start)
-	return err
+	return s.topImage().allocate(start, buf, true)
 }
 
 // Flush makes the top delta durable (the others do not change).
 func (s *Stack) Flush() error {
+	s.io.RLock()
+	defer s.io.RUnlock()
+	if err := s.checkOpen("flush"); err != nil {
+		return err
+	}
 	if s.readOnly {
 		return nil
 	}
-	s.io.RLock()
-	defer s.io.RUnlock()
 	return s.top().Flush()
 }
 
@@ -521,8 +584,7 @@ func (s *Stack) zeroCluster(pos, n, start, clen int64, noHole bool) error {
 		return err
 	}
 	clear(buf[pos-start : pos-start+n])
-	_, err = top.WriteAt(buf, start)
-	return err
+	return s.topImage().allocate(start, buf, true)
 }
 
 // Extent reports the run at off that is allocated in some delta, or in
@@ -530,6 +592,9 @@ func (s *Stack) zeroCluster(pos, n, start, clen int64, noHole bool) error {
 func (s *Stack) Extent(off, length int64) (int64, bool, error) {
 	s.io.RLock()
 	defer s.io.RUnlock()
+	if err := s.checkOpen("extent"); err != nil {
+		return 0, false, err
+	}
 	if err := checkRange("extent", off, length, s.size); err != nil {
 		return 0, false, err
 	}
@@ -572,6 +637,9 @@ func (s *Stack) Close() error {
 }
 
 func (s *Stack) checkWrite(op string, off, length int64) error {
+	if err := s.checkOpen(op); err != nil {
+		return err
+	}
 	if s.readOnly {
 		return fmt.Errorf("%s %s: stack is read-only: %w", op, s.dir, unix.EPERM)
 	}
@@ -591,6 +659,9 @@ type StackMapping struct {
 func (s *Stack) Map() ([]StackMapping, error) {
 	s.io.RLock()
 	defer s.io.RUnlock()
+	if err := s.checkOpen("map"); err != nil {
+		return nil, err
+	}
 	var out []StackMapping
 	for start := int64(0); start < s.size; start += s.cs {
 		clen := min(s.cs, s.size-start)

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -15,22 +16,27 @@ import (
 // offline functions (Snapshot, DeleteSnapshot, GrowStack) cannot run on it;
 // these methods do the same on-disk steps through the open stack instead.
 //
-// Each one does its slow work (creating files, copying clusters, fsyncs of
-// data) while I/O continues and pauses I/O — by taking s.io exclusively,
-// which waits for the requests in flight — only for the O(1) switch:
-// closing or reopening a delta, writing the descriptor and swapping the
-// in-memory chain. The on-disk order of steps is that of the offline
-// operations, so a crash at any point is repaired the same way.
-//
-// Moving data clusters inside the top delta (Compact, and a Grow that
-// relocates clusters for the BAT) is the exception: it runs inside the
-// pause, because a write to an allocated cluster goes straight to its host
-// offset without taking a cluster lock, so a copy made while I/O continues
-// could miss a write that lands on the old place after it.
+// Each one does its slow work (creating files, copying and moving
+// clusters, fsyncs of data) while I/O continues, and pauses I/O — by
+// taking s.io exclusively, which waits for the requests in flight — only
+// for O(1) work: switching the chain (closing or reopening a delta,
+// writing the descriptor) or a barrier that waits out the reads of a file
+// range before it is reused (see Image for the cluster locks that let
+// clusters move under running writes). The on-disk order of steps is that
+// of the offline operations, so a crash at any point is repaired the same
+// way.
 
-// OnlineStats reports how long an online operation held I/O paused.
+// OnlineStats reports how an online operation paused I/O.
 type OnlineStats struct {
+	// Pause is the longest single pause.
 	Pause time.Duration
+	// Pauses counts them.
+	Pauses int
+}
+
+func (st *OnlineStats) observe(d time.Duration) {
+	st.Pause = max(st.Pause, d)
+	st.Pauses++
 }
 
 // checkOnline refuses online operations on a read-only or closed stack.
@@ -65,7 +71,7 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 	}
 	path := filepath.Join(s.dir, name)
 	// The online lock keeps the size stable: only Grow changes it.
-	newTop, err := Create(path, CreateOptions{Size: s.size, ClusterSize: s.cs, Direct: s.direct})
+	newTop, err := Create(path, CreateOptions{Size: s.size, ClusterSize: s.cs, Direct: s.direct, faults: s.faults})
 	if err != nil {
 		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
 	}
@@ -85,7 +91,7 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 	s.io.Lock()
 	defer func() {
 		s.io.Unlock()
-		st.Pause = time.Since(t0)
+		st.observe(time.Since(t0))
 	}()
 	old := s.chain[len(s.chain)-1]
 	if err := s.top().Close(); err != nil {
@@ -106,7 +112,7 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 		discardNew()
 		return "", st, s.reopenTop(fmt.Errorf("snapshot %s: %w", s.dir, err))
 	}
-	frozen, err := openLayer(s.dir, chain[len(chain)-2], OpenOptions{ReadOnly: true, Direct: s.direct}, s.size, s.cs)
+	frozen, err := openLayer(s.dir, chain[len(chain)-2], s.layerOptions(true), s.size, s.cs)
 	if err != nil {
 		// The snapshot is on disk but the stack cannot read it: stop
 		// serving rather than serve a wrong view.
@@ -126,7 +132,7 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 // reopenTop opens the top delta for writing again after a failed switch;
 // if that fails too the stack is closed.
 func (s *Stack) reopenTop(cause error) error {
-	l, err := openLayer(s.dir, s.chain[len(s.chain)-1], OpenOptions{Direct: s.direct}, s.size, s.cs)
+	l, err := openLayer(s.dir, s.chain[len(s.chain)-1], s.layerOptions(false), s.size, s.cs)
 	if err != nil {
 		s.layers = s.layers[:len(s.layers)-1]
 		s.closeAll()
@@ -162,10 +168,9 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 		return st, fmt.Errorf("delete snapshot %s in %s: %w", guid, s.dir, err)
 	}
 	upperIsTop := k+1 == len(s.chain)-1
-	var dst Disk
-	var upper *Image
+	var dst, upper *Image
 	if upperIsTop {
-		dst = s.top()
+		dst = s.topImage()
 	} else {
 		// Nobody else writes a delta below the top: a second, writable
 		// handle fills it while the stack keeps reading through its own
@@ -174,7 +179,7 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 		if s.chain[k+1].Type != TypeCompressed {
 			return fail(fmt.Errorf("delta %s is not a ploop image: %w", s.chain[k+1].File, ErrCorrupt))
 		}
-		img, err := Open(filepath.Join(s.dir, s.chain[k+1].File), OpenOptions{Direct: s.direct})
+		img, err := Open(filepath.Join(s.dir, s.chain[k+1].File), s.layerOptions(false))
 		if err != nil {
 			return fail(err)
 		}
@@ -193,7 +198,7 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 		if err := upper.Close(); err != nil {
 			return fail(err)
 		}
-		l, err := openLayer(s.dir, s.chain[k+1], OpenOptions{ReadOnly: true, Direct: s.direct}, s.size, s.cs)
+		l, err := openLayer(s.dir, s.chain[k+1], s.layerOptions(true), s.size, s.cs)
 		if err != nil {
 			return fail(err)
 		}
@@ -223,7 +228,7 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 		s.layers, s.chain, s.desc = layers, chain, nd
 	}
 	s.io.Unlock()
-	st.Pause = time.Since(t0)
+	st.observe(time.Since(t0))
 	if err != nil {
 		if reopened != nil {
 			reopened.Close()
@@ -242,50 +247,33 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 // foldOnline copies into dst every cluster that src has and dst lacks.
 // With lockTop, dst is the stack's top delta and each cluster is copied
 // under the cluster lock guest writes take for their copy-ups.
-func (s *Stack) foldOnline(src, dst Disk, becomesBase, lockTop bool) error {
+func (s *Stack) foldOnline(src Disk, dst *Image, becomesBase, lockTop bool) error {
 	size := src.Size()
 	buf := make([]byte, s.cs)
 	for start := int64(0); start < size; start += s.cs {
-		clen := min(s.cs, size-start)
-		if alloc, err := anyExtent(src, start, clen); err != nil || !alloc {
-			if err != nil {
-				return err
-			}
-			continue
+		var lk *sync.Mutex
+		if lockTop {
+			lk = &s.clusterLocks[(start/s.cs)%clusterLockStripes]
+			lk.Lock()
 		}
-		if err := s.foldOneCluster(src, dst, buf[:clen], start, becomesBase, lockTop); err != nil {
+		err := foldCluster(src, dst, buf[:min(s.cs, size-start)], start, becomesBase)
+		if lk != nil {
+			lk.Unlock()
+		}
+		if err != nil {
 			return err
 		}
 	}
 	return dst.Flush()
 }
 
-func (s *Stack) foldOneCluster(src, dst Disk, b []byte, start int64, becomesBase, lockTop bool) error {
-	if lockTop {
-		lk := &s.clusterLocks[(start/s.cs)%clusterLockStripes]
-		lk.Lock()
-		defer lk.Unlock()
-	}
-	// dst's whole cluster counts: a guest write may have allocated it.
-	if alloc, err := anyExtent(dst, start, min(s.cs, dst.Size()-start)); err != nil || alloc {
-		return err
-	}
-	if _, err := src.ReadAt(b, start); err != nil {
-		return err
-	}
-	if becomesBase && allZero(b) {
-		return nil
-	}
-	_, err := dst.WriteAt(b, start)
-	return err
-}
-
 // Grow sets a larger virtual size on the open stack, as GrowStack does
-// offline: the descriptor first, then the top delta. I/O pauses for both:
-// a few fsyncs, plus the relocation of the first data clusters when the
-// BAT must grow into them (see above). The NBD server reads the size per
-// request; clients that cached it at the handshake, and the kernel (see
-// nbd.Attachment.Resize), must be told.
+// offline: the descriptor first, then the top delta. Both happen while I/O
+// continues, including the relocation of the first data clusters when the
+// top's BAT must grow into them; I/O pauses for a barrier before those
+// places become BAT and for the switch to the new size. The NBD server
+// reads the size per request; clients that cached it at the handshake,
+// and the kernel (see nbd.Attachment.Resize), must be told.
 func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
 	s.online.Lock()
 	defer s.online.Unlock()
@@ -296,38 +284,48 @@ func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
 	if size <= 0 || sectors < s.desc.Params.DiskSize {
 		return st, fmt.Errorf("grow %s to %d: smaller than the current size %d: %w", s.dir, size, s.size, unix.EINVAL)
 	}
-	if err := s.top().Flush(); err != nil {
-		return st, fmt.Errorf("grow %s: %w", s.dir, err)
-	}
 	nd := s.desc.clone()
 	nd.setSize(sectors)
 	newSize := nd.Size()
-	t0 := time.Now()
-	s.io.Lock()
-	defer func() {
-		s.io.Unlock()
-		st.Pause = time.Since(t0)
-	}()
+	// From here a crash leaves a descriptor larger than the top, which
+	// RepairStack completes.
 	if err := writeDescriptor(s.dir, nd, nil); err != nil {
 		return st, fmt.Errorf("grow %s: %w", s.dir, err)
 	}
-	if err := s.growTopOnline(newSize); err != nil {
-		// The top did not change: put the old size back.
-		if rerr := writeDescriptor(s.dir, s.desc, nil); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("restore the descriptor: %w", rerr))
+	var err error
+	if img, ok := s.top().(*Image); ok {
+		if err = img.grow(newSize, func() { st.observe(s.barrier()) }); err != nil && img.Size() == s.size {
+			// The top did not change: put the old size back.
+			if rerr := writeDescriptor(s.dir, s.desc, nil); rerr != nil {
+				err = errors.Join(err, fmt.Errorf("restore the descriptor: %w", rerr))
+			}
 		}
+		if err == nil {
+			t0 := time.Now()
+			s.io.Lock()
+			s.desc, s.size = nd, newSize
+			s.io.Unlock()
+			st.observe(time.Since(t0))
+		}
+	} else {
+		// A raw top (a one-delta stack with a raw base) is closed,
+		// truncated and reopened: O(1).
+		t0 := time.Now()
+		s.io.Lock()
+		if err = s.growRawTop(newSize); err == nil {
+			s.desc, s.size = nd, newSize
+		}
+		s.io.Unlock()
+		st.observe(time.Since(t0))
+	}
+	if err != nil {
 		return st, fmt.Errorf("grow %s: %w", s.dir, err)
 	}
-	s.desc, s.size = nd, newSize
 	return st, nil
 }
 
-// growTopOnline grows the open top delta. A raw top (a one-delta stack
-// with a raw base) is closed, truncated and reopened.
-func (s *Stack) growTopOnline(size int64) error {
-	if img, ok := s.top().(*Image); ok {
-		return img.Grow(size)
-	}
+// growRawTop grows the raw top delta. The caller holds io exclusively.
+func (s *Stack) growRawTop(size int64) error {
 	top := s.chain[len(s.chain)-1]
 	if err := s.top().Close(); err != nil {
 		return s.reopenTop(err)
@@ -335,7 +333,7 @@ func (s *Stack) growTopOnline(size int64) error {
 	if err := growTop(s.dir, top, size); err != nil {
 		return s.reopenTop(err)
 	}
-	l, err := openLayer(s.dir, top, OpenOptions{Direct: s.direct}, size, s.cs)
+	l, err := openLayer(s.dir, top, s.layerOptions(false), size, s.cs)
 	if err != nil {
 		s.layers = s.layers[:len(s.layers)-1]
 		s.closeAll()
@@ -347,15 +345,11 @@ func (s *Stack) growTopOnline(size int64) error {
 }
 
 // Compact compacts the top delta of the open stack as CompactStack does
-// offline. While I/O continues, the top is flushed and scanned for
-// all-zero clusters (the deltas below are immutable, so whether they hide
-// data is known then too). I/O then pauses for the rest: the candidates
-// are checked again (one written meanwhile stays), their BAT entries
-// cleared, the clusters at the end moved into the holes and the file
-// truncated. The moves stay inside the pause because a guest write to an
-// allocated cluster goes straight to its host offset without a cluster
-// lock, so a copy made while I/O continues could miss a write. A raw top
-// is left as it is.
+// offline, while I/O continues (see Image.compact); an all-zero cluster of
+// the top is unallocated only where the deltas below read as zeros too
+// (they are immutable, so that is known once). I/O pauses only for the
+// barriers before freed places are reused or cut off. A raw top is left as
+// it is.
 func (s *Stack) Compact() (res CompactResult, st OnlineStats, _ error) {
 	s.online.Lock()
 	defer s.online.Unlock()
@@ -366,36 +360,7 @@ func (s *Stack) Compact() (res CompactResult, st OnlineStats, _ error) {
 	if !ok {
 		return res, st, nil
 	}
-	if err := img.Flush(); err != nil {
-		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
-	}
-	var lowerNonZero func(i int64) (bool, error)
-	if len(s.layers) > 1 {
-		buf := make([]byte, s.cs)
-		lowerNonZero = func(i int64) (bool, error) {
-			off := i * s.cs
-			n := min(s.cs, s.size-off)
-			if n <= 0 {
-				return false, nil
-			}
-			b := buf[:n]
-			if err := s.readLayer(len(s.layers)-2, b, off); err != nil {
-				return false, err
-			}
-			return !allZero(b), nil
-		}
-	}
-	only, kept, err := img.zeroCandidates(lowerNonZero)
-	if err != nil {
-		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
-	}
-	img.hooks.at("online-compact-scanned")
-	t0 := time.Now()
-	s.io.Lock()
-	res, err = img.compact(nil, only)
-	s.io.Unlock()
-	res.KeptZeroClusters = kept
-	st.Pause = time.Since(t0)
+	res, err := img.compact(s.readsNonZero(len(s.layers)-2), func() { st.observe(s.barrier()) })
 	if err != nil {
 		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
 	}

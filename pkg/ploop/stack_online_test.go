@@ -443,7 +443,7 @@ func TestStackOnlineCompactRescan(t *testing.T) {
 	zero(1<<20, 1<<20)
 	fresh := bytes.Repeat([]byte("fresh"), cluster/5)
 	s.top().(*Image).hooks = &hooks{fn: func(point string) {
-		if point == "online-compact-scanned" {
+		if point == "compact-scanned" {
 			write(fresh, 1<<20+cluster+7)
 		}
 	}}
