@@ -47,11 +47,12 @@ const compactRounds = 4
 
 // compact does the work; lowerNonZero, when not nil, reports whether the
 // deltas below would read anything but zeros in virtual cluster i, in which
-// case an all-zero cluster i must stay allocated to hide them. barrier,
-// when not nil, returns once every read that started before it has ended.
+// case an all-zero cluster i must stay allocated to hide them. waitReads,
+// when not nil, returns once every request that started before it has
+// ended (see grace).
 // Writes continue throughout: every step that depends on a cluster's
 // contents or location holds its stripe lock.
-func (img *Image) compact(lowerNonZero func(i int64) (bool, error), barrier func()) (CompactResult, error) {
+func (img *Image) compact(lowerNonZero func(i int64) (bool, error), waitReads func()) (CompactResult, error) {
 	var res CompactResult
 	if img.readOnly {
 		return res, fmt.Errorf("compact %s: image is read-only: %w", img.path, unix.EPERM)
@@ -61,8 +62,8 @@ func (img *Image) compact(lowerNonZero func(i int64) (bool, error), barrier func
 	}
 	img.maintMu.Lock()
 	defer img.maintMu.Unlock()
-	if barrier == nil {
-		barrier = func() {}
+	if waitReads == nil {
+		waitReads = func() {}
 	}
 	fail := func(err error) (CompactResult, error) {
 		return res, fmt.Errorf("compact %s: %w", img.path, err)
@@ -87,7 +88,7 @@ func (img *Image) compact(lowerNonZero func(i int64) (bool, error), barrier func
 		end, moves := img.planCompaction()
 		if len(moves) > 0 {
 			// Reads of the freed places started before they were freed.
-			barrier()
+			waitReads()
 			moved, err := img.moveClusters(moves, "compact")
 			res.MovedClusters += moved
 			if err != nil {
@@ -99,7 +100,7 @@ func (img *Image) compact(lowerNonZero func(i int64) (bool, error), barrier func
 		if err := img.syncs.Sync(img.s.Sync); err != nil {
 			return fail(err)
 		}
-		barrier()
+		waitReads()
 		cut, err := img.truncateTail(end)
 		if err != nil {
 			return fail(err)
@@ -314,10 +315,11 @@ func compactStack(dir string, h *hooks) (CompactResult, error) {
 	if err := ensureClean(dir, top); err != nil {
 		return res, fmt.Errorf("compact %s: %w", dir, err)
 	}
-	below := &Stack{dir: dir, readOnly: true, chain: chain[:len(chain)-1], size: d.Size(), cs: d.ClusterSize()}
+	below := &Stack{dir: dir, readOnly: true, chain: chain[:len(chain)-1], cs: d.ClusterSize()}
+	below.size.Store(d.Size())
 	defer below.closeAll()
 	for _, im := range below.chain {
-		l, err := openLayer(dir, im, OpenOptions{ReadOnly: true}, below.size, below.cs)
+		l, err := openLayer(dir, im, OpenOptions{ReadOnly: true}, below.Size(), below.cs)
 		if err != nil {
 			return res, fmt.Errorf("compact %s: %w", dir, err)
 		}

@@ -403,15 +403,62 @@ func writeDescriptor(dir string, d *Descriptor, h *hooks) error {
 		return fmt.Errorf("write descriptor %s: %w", p, err)
 	}
 	h.at("descriptor-tmp")
-	if err := os.Rename(tmp, p); err != nil {
-		return fmt.Errorf("write descriptor %s: %w", p, err)
+	sd := &stagedDescriptor{dir: dir, tmp: tmp, path: p}
+	if err := sd.rename(); err != nil {
+		return err
 	}
 	h.at("descriptor-renamed")
-	if err := syncDir(dir); err != nil {
-		return fmt.Errorf("write descriptor %s: sync directory: %w", p, err)
+	return sd.sync()
+}
+
+// stagedDescriptor is a descriptor already durable in its temporary file:
+// switching to it costs a rename and a directory fsync, which is what an
+// online operation does while I/O is paused.
+type stagedDescriptor struct {
+	dir, tmp, path string
+	faults         faultFunc
+}
+
+// stageDescriptor writes d to the temporary file next to the descriptor
+// and makes it durable.
+func stageDescriptor(dir string, d *Descriptor) (*stagedDescriptor, error) {
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	b, err := d.Marshal()
+	if err != nil {
+		return nil, err
+	}
+	p := filepath.Join(dir, DescriptorName)
+	if err := writeFileSync(p+".tmp", b); err != nil {
+		return nil, fmt.Errorf("write descriptor %s: %w", p, err)
+	}
+	return &stagedDescriptor{dir: dir, tmp: p + ".tmp", path: p}, nil
+}
+
+// rename switches to the staged descriptor; sync then makes the switch
+// durable.
+func (sd *stagedDescriptor) rename() error {
+	if sd.faults != nil {
+		if err := sd.faults("rename", sd.path); err != nil {
+			return err
+		}
+	}
+	if err := os.Rename(sd.tmp, sd.path); err != nil {
+		return fmt.Errorf("write descriptor %s: %w", sd.path, err)
 	}
 	return nil
 }
+
+func (sd *stagedDescriptor) sync() error {
+	if err := syncDir(sd.dir); err != nil {
+		return fmt.Errorf("write descriptor %s: sync directory: %w", sd.path, err)
+	}
+	return nil
+}
+
+// discard removes a staged descriptor that will not be committed.
+func (sd *stagedDescriptor) discard() { os.Remove(sd.tmp) }
 
 func writeFileSync(path string, b []byte) error {
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_TRUNC|unix.O_CLOEXEC, 0o600)

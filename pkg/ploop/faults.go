@@ -2,7 +2,8 @@ package ploop
 
 // faultFunc, when set in the unexported options fields by a test, is asked
 // before each storage call of the files it covers: op is "open", "read",
-// "write", "sync", "punch", "zero" or "truncate", path the file. A non-nil
+// "write", "sync", "punch", "zero" or "truncate", path the file; online
+// operations also ask it with "rename" before switching the descriptor. A non-nil
 // error fails the call with it. It exists so that tests can fail one chosen
 // step of an online operation and prove that one broken volume stays
 // contained; nothing outside tests sets it.

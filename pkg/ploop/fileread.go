@@ -79,12 +79,11 @@ func (s *Stack) ReadFile(off, length int64, piece func(f *os.File, fileOff, n in
 	if s.direct { // every delta is opened the same way
 		return errors.ErrUnsupported
 	}
-	s.io.RLock()
-	defer s.io.RUnlock()
+	defer s.end(s.begin())
 	if err := s.checkOpen("read"); err != nil {
 		return err
 	}
-	if err := checkRange("read", off, length, s.size); err != nil {
+	if err := checkRange("read", off, length, s.Size()); err != nil {
 		return err
 	}
 	if err := s.readLayerFile(len(s.layers)-1, off, length, piece); err != nil {

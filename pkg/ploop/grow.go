@@ -24,9 +24,9 @@ var ErrGrowNeedsRelocation = errors.New("the larger BAT would overlap data clust
 // reads of the old places before they are reused.
 func (img *Image) Grow(size int64) error { return img.grow(size, nil) }
 
-// grow is Grow; barrier, when not nil, returns once every read that started
+// grow is Grow; waitReads, when not nil, returns once every read that started
 // before the call has finished.
-func (img *Image) grow(size int64, barrier func()) error {
+func (img *Image) grow(size int64, waitReads func()) error {
 	if img.readOnly {
 		return fmt.Errorf("grow %s: image is read-only: %w", img.path, unix.EPERM)
 	}
@@ -61,8 +61,8 @@ func (img *Image) grow(size int64, barrier func()) error {
 		if err := img.syncs.Sync(img.s.Sync); err != nil {
 			return fmt.Errorf("grow %s: %w", img.path, err)
 		}
-		if barrier != nil {
-			barrier()
+		if waitReads != nil {
+			waitReads()
 		}
 		// The hole reads as zeros and detaches the pages of the old
 		// clusters from the BAT that will be written over them.

@@ -38,8 +38,8 @@ const clusterLockStripes = 1024
 // exclusively. Moves (compaction, relocating grow) therefore never copy a
 // cluster while a write to it is in flight, and the I/O of the rest of the
 // disk goes on meanwhile. A file range given up by one cluster is only
-// reused after a barrier (see Stack.barrier) has waited out the reads that
-// may still be looking at it.
+// reused after the reads that may still be looking at it were waited out
+// (see grace).
 //
 // Every BAT change is written to the file as it is made (publish), so the
 // page cache always holds the current BAT and a killed process loses
@@ -71,6 +71,8 @@ type Image struct {
 	unpended *sync.Cond
 
 	clusterLocks [clusterLockStripes]sync.RWMutex
+	// moving tracks the clusters a move has copied but not yet switched.
+	moving moveTracker
 	// writeThroughMu orders the writes of BAT blocks, so that the last
 	// copy written of a block is its newest state; writeThroughBuf is the
 	// copy, reused under the lock.
@@ -379,6 +381,7 @@ func (img *Image) writeCluster(p []byte, pos int64) error {
 	lk.RLock()
 	if host := img.lookup(i); host != 0 {
 		_, err := img.s.WriteAt(p, host+pos%img.cs)
+		img.moving.changed(i)
 		lk.RUnlock()
 		return err
 	}
@@ -399,6 +402,7 @@ func (img *Image) allocate(pos int64, p []byte, ordered bool) error {
 	if host := img.lookup(i); host != 0 {
 		// Someone else allocated it meanwhile.
 		_, err := img.s.WriteAt(p, host+pos%img.cs)
+		img.moving.changed(i)
 		return err
 	}
 	host, err := img.reserve()
@@ -544,6 +548,9 @@ func (img *Image) zeroCluster(i, within, n int64, noHole bool) error {
 	lk.Lock()
 	defer lk.Unlock()
 	host := img.lookup(i)
+	if host != 0 {
+		defer img.moving.changed(i)
+	}
 	switch {
 	case host == 0 && !noHole:
 		return nil

@@ -275,7 +275,8 @@ func foldInto(dir string, d *Descriptor, view []DescriptorImg, upper DescriptorI
 		dst.Close()
 		return fmt.Errorf("delta %s does not match the descriptor: %w", upper.File, ErrCorrupt)
 	}
-	src := &Stack{dir: dir, readOnly: true, size: size, cs: cs, chain: view}
+	src := &Stack{dir: dir, readOnly: true, cs: cs, chain: view}
+	src.size.Store(size)
 	defer src.closeAll()
 	for _, im := range view {
 		l, err := openLayer(dir, im, OpenOptions{ReadOnly: true}, size, cs)

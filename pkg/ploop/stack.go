@@ -6,7 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
-	"time"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
@@ -30,7 +30,10 @@ type Stack struct {
 	desc     *Descriptor
 	chain    []DescriptorImg
 	layers   []Disk // base first; the last is the top
-	size, cs int64
+	// size is atomic because an online grow switches it while requests
+	// check their ranges against it.
+	size     atomic.Int64
+	cs       int64
 	readOnly bool
 	direct   bool // deltas reopened by online operations keep O_DIRECT
 	faults   faultFunc
@@ -41,12 +44,20 @@ type Stack struct {
 	clusterLocks [clusterLockStripes]sync.Mutex
 	closed       bool
 
+	// inflight lets online operations wait out the requests that may
+	// still use a mapping they changed (see grace).
+	inflight grace
 	// io is held shared by every I/O call and exclusively by the online
 	// operations (stack_online.go) while they switch the chain: that
 	// switch is the only time I/O pauses.
 	io sync.RWMutex
 	// online serializes the online operations with each other.
 	online sync.Mutex
+	// descSync is held by an online operation from its descriptor switch
+	// until the switch is durable (a directory fsync done after I/O
+	// resumed); Flush holds it shared, so a flush never reports done while
+	// a power loss could still take away the chain that holds the data.
+	descSync sync.RWMutex
 }
 
 var _ Disk = (*Stack)(nil)
@@ -202,10 +213,11 @@ func OpenStack(dir string, opts StackOptions) (*Stack, error) {
 		}
 		s.chain = s.chain[:k+1]
 	}
-	s.size, s.cs = d.Size(), d.ClusterSize()
+	s.size.Store(d.Size())
+	s.cs = d.ClusterSize()
 	for i, im := range s.chain {
 		ro := opts.ReadOnly || i < len(s.chain)-1
-		l, err := openLayer(dir, im, s.layerOptions(ro), s.size, s.cs)
+		l, err := openLayer(dir, im, s.layerOptions(ro), s.Size(), s.cs)
 		if err != nil {
 			s.closeAll()
 			return nil, fmt.Errorf("open stack %s: %w", dir, err)
@@ -224,10 +236,10 @@ func OpenStack(dir string, opts StackOptions) (*Stack, error) {
 // For the current state the top must match the descriptor.
 func (s *Stack) checkSizes(current bool) error {
 	top := s.top().Size()
-	if current && top != s.size {
-		return fmt.Errorf("the top delta is %d bytes, the descriptor says %d (an interrupted grow: run check --repair): %w", top, s.size, ErrCorrupt)
+	if current && top != s.Size() {
+		return fmt.Errorf("the top delta is %d bytes, the descriptor says %d (an interrupted grow: run check --repair): %w", top, s.Size(), ErrCorrupt)
 	}
-	s.size = top
+	s.size.Store(top)
 	for i := len(s.layers) - 1; i > 0; i-- {
 		if s.layers[i-1].Size() > s.layers[i].Size() {
 			return fmt.Errorf("delta %s is larger than the delta above it: %w", s.chain[i-1].File, ErrCorrupt)
@@ -294,23 +306,20 @@ func (s *Stack) closeAll() error {
 // Dir is the stack directory.
 func (s *Stack) Dir() string { return s.dir }
 
-// barrier returns once every I/O call that started before it has ended:
-// the only way to know nobody still reads a file range that an online
-// operation is about to reuse. It pauses I/O for no longer than the
-// slowest request in flight and reports how long it held it.
-func (s *Stack) barrier() time.Duration {
-	t0 := time.Now()
-	s.io.Lock()
-	s.io.Unlock()
-	return time.Since(t0)
+// begin registers an I/O call: it holds io shared (no chain switch runs
+// meanwhile) and is counted in the current grace epoch.
+func (s *Stack) begin() uint32 {
+	s.io.RLock()
+	return s.inflight.enter()
+}
+
+func (s *Stack) end(epoch uint32) {
+	s.inflight.exit(epoch)
+	s.io.RUnlock()
 }
 
 // Size is the virtual size in bytes.
-func (s *Stack) Size() int64 {
-	s.io.RLock()
-	defer s.io.RUnlock()
-	return s.size
-}
+func (s *Stack) Size() int64 { return s.size.Load() }
 
 // ClusterSize is the cluster size in bytes.
 func (s *Stack) ClusterSize() int64 { return s.cs }
@@ -352,7 +361,7 @@ func (s *Stack) readsNonZero(top int) func(i int64) (bool, error) {
 	buf := make([]byte, s.cs)
 	return func(i int64) (bool, error) {
 		off := i * s.cs
-		n := min(s.cs, s.size-off)
+		n := min(s.cs, s.Size()-off)
 		if n <= 0 {
 			return false, nil
 		}
@@ -367,12 +376,11 @@ func (s *Stack) readsNonZero(top int) func(i int64) (bool, error) {
 // ReadAt reads through the chain: each range comes from the highest delta
 // that has it allocated.
 func (s *Stack) ReadAt(p []byte, off int64) (int, error) {
-	s.io.RLock()
-	defer s.io.RUnlock()
+	defer s.end(s.begin())
 	if err := s.checkOpen("read"); err != nil {
 		return 0, err
 	}
-	if err := checkRange("read", off, int64(len(p)), s.size); err != nil {
+	if err := checkRange("read", off, int64(len(p)), s.Size()); err != nil {
 		return 0, err
 	}
 	if err := s.readLayer(len(s.layers)-1, p, off); err != nil {
@@ -439,8 +447,7 @@ func (s *Stack) lowerAllocated(off, length int64) (bool, error) {
 // WriteAt writes to the top delta, copying clusters up from lower deltas
 // where the write covers only part of them.
 func (s *Stack) WriteAt(p []byte, off int64) (int, error) {
-	s.io.RLock()
-	defer s.io.RUnlock()
+	defer s.end(s.begin())
 	if err := s.checkWrite("write", off, int64(len(p))); err != nil {
 		return 0, err
 	}
@@ -472,7 +479,7 @@ func (s *Stack) WriteAt(p []byte, off int64) (int, error) {
 // cluster may end at the disk's end).
 func (s *Stack) clusterSpan(pos int64) (int64, int64) {
 	start := pos / s.cs * s.cs
-	return start, min(s.cs, s.size-start)
+	return start, min(s.cs, s.Size()-start)
 }
 
 // writeCluster writes p (inside one cluster) when the top did not have the
@@ -507,6 +514,9 @@ func (s *Stack) writeCluster(p []byte, pos int64) error {
 
 // Flush makes the top delta durable (the others do not change).
 func (s *Stack) Flush() error {
+	// Before io, the order online operations take them in.
+	s.descSync.RLock()
+	defer s.descSync.RUnlock()
 	s.io.RLock()
 	defer s.io.RUnlock()
 	if err := s.checkOpen("flush"); err != nil {
@@ -522,8 +532,7 @@ func (s *Stack) Flush() error {
 // lower delta has data the top keeps a zeroed cluster, so the lower data
 // does not show through.
 func (s *Stack) Discard(off, length int64) error {
-	s.io.RLock()
-	defer s.io.RUnlock()
+	defer s.end(s.begin())
 	if err := s.checkWrite("discard", off, length); err != nil {
 		return err
 	}
@@ -532,8 +541,7 @@ func (s *Stack) Discard(off, length int64) error {
 
 // WriteZeroes makes the range read as zeros; noHole keeps it allocated.
 func (s *Stack) WriteZeroes(off, length int64, noHole bool) error {
-	s.io.RLock()
-	defer s.io.RUnlock()
+	defer s.end(s.begin())
 	if err := s.checkWrite("write zeroes", off, length); err != nil {
 		return err
 	}
@@ -590,12 +598,11 @@ func (s *Stack) zeroCluster(pos, n, start, clen int64, noHole bool) error {
 // Extent reports the run at off that is allocated in some delta, or in
 // none.
 func (s *Stack) Extent(off, length int64) (int64, bool, error) {
-	s.io.RLock()
-	defer s.io.RUnlock()
+	defer s.end(s.begin())
 	if err := s.checkOpen("extent"); err != nil {
 		return 0, false, err
 	}
-	if err := checkRange("extent", off, length, s.size); err != nil {
+	if err := checkRange("extent", off, length, s.Size()); err != nil {
 		return 0, false, err
 	}
 	if length == 0 {
@@ -643,7 +650,7 @@ func (s *Stack) checkWrite(op string, off, length int64) error {
 	if s.readOnly {
 		return fmt.Errorf("%s %s: stack is read-only: %w", op, s.dir, unix.EPERM)
 	}
-	return checkRange(op, off, length, s.size)
+	return checkRange(op, off, length, s.Size())
 }
 
 // StackMapping is a run of the virtual disk that one delta provides.
@@ -663,8 +670,8 @@ func (s *Stack) Map() ([]StackMapping, error) {
 		return nil, err
 	}
 	var out []StackMapping
-	for start := int64(0); start < s.size; start += s.cs {
-		clen := min(s.cs, s.size-start)
+	for start := int64(0); start < s.Size(); start += s.cs {
+		clen := min(s.cs, s.Size()-start)
 		for i := len(s.layers) - 1; i >= 0; i-- {
 			if start >= s.layers[i].Size() {
 				break

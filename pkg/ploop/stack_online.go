@@ -17,14 +17,14 @@ import (
 // these methods do the same on-disk steps through the open stack instead.
 //
 // Each one does its slow work (creating files, copying and moving
-// clusters, fsyncs of data) while I/O continues, and pauses I/O — by
-// taking s.io exclusively, which waits for the requests in flight — only
-// for O(1) work: switching the chain (closing or reopening a delta,
-// writing the descriptor) or a barrier that waits out the reads of a file
-// range before it is reused (see Image for the cluster locks that let
-// clusters move under running writes). The on-disk order of steps is that
-// of the offline operations, so a crash at any point is repaired the same
-// way.
+// clusters, fsyncs of data) while I/O continues. Snapshot and merge pause
+// I/O — by taking s.io exclusively, which waits for the requests in flight
+// — only for the O(1) switch of the chain (closing or reopening a delta,
+// writing the descriptor); grow and compaction do not pause it at all:
+// clusters move under their own locks (see Image), and a file range given
+// up is reused only after the requests that may still read it have ended
+// (see grace). The on-disk order of steps is that of the offline
+// operations, so a crash at any point is repaired the same way.
 
 // OnlineStats reports how an online operation paused I/O.
 type OnlineStats struct {
@@ -52,10 +52,15 @@ func (s *Stack) checkOnline(op string) error {
 
 // Snapshot freezes the current state of the open stack under a new GUID
 // and continues on a new, empty top delta; it returns the GUID. The new
-// delta is created and the old top flushed before I/O pauses; the pause
-// covers the clean close of the old top (its inuse flag is cleared so the
-// frozen delta passes qemu-img check), the descriptor switch and reopening
-// the old top read-only.
+// delta and the new descriptor are written and the old top flushed before
+// I/O pauses; the pause covers only the descriptor's rename and the switch
+// of the chain in memory (no fsync: the rename is made durable after I/O
+// resumed, and flushes wait for that, see descSync). The old top then keeps
+// serving reads through its writable handle until a read-only one replaces
+// it, and is closed cleanly (its in-use mark cleared, so that the frozen
+// delta passes qemu-img check) before Snapshot returns. A GUID returned
+// with an error means the snapshot exists but that last step failed: the
+// frozen delta needs `check --repair` once the stack is closed.
 func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 	s.online.Lock()
 	defer s.online.Unlock()
@@ -71,7 +76,7 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 	}
 	path := filepath.Join(s.dir, name)
 	// The online lock keeps the size stable: only Grow changes it.
-	newTop, err := Create(path, CreateOptions{Size: s.size, ClusterSize: s.cs, Direct: s.direct, faults: s.faults})
+	newTop, err := Create(path, CreateOptions{Size: s.Size(), ClusterSize: s.cs, Direct: s.direct, faults: s.faults})
 	if err != nil {
 		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
 	}
@@ -79,25 +84,14 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 		newTop.Close()
 		os.Remove(path)
 	}
-	// Most dirty data becomes durable here, so that the flush inside the
-	// pause is short.
+	// Most dirty data becomes durable here, so that the clean close of
+	// the frozen delta below is short.
 	if err := s.top().Flush(); err != nil {
 		discardNew()
 		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
 	}
-
 	guid := NewGUID()
-	t0 := time.Now()
-	s.io.Lock()
-	defer func() {
-		s.io.Unlock()
-		st.observe(time.Since(t0))
-	}()
 	old := s.chain[len(s.chain)-1]
-	if err := s.top().Close(); err != nil {
-		discardNew()
-		return "", st, s.reopenTop(fmt.Errorf("snapshot %s: %w", s.dir, err))
-	}
 	chain := append([]DescriptorImg(nil), s.chain...)
 	chain[len(chain)-1].GUID = guid
 	chain = append(chain, DescriptorImg{GUID: old.GUID, Type: TypeCompressed, File: name})
@@ -108,31 +102,73 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 		}
 	}
 	nd.setChain(chain)
-	if err := writeDescriptor(s.dir, nd, nil); err != nil {
-		discardNew()
-		return "", st, s.reopenTop(fmt.Errorf("snapshot %s: %w", s.dir, err))
-	}
-	frozen, err := openLayer(s.dir, chain[len(chain)-2], s.layerOptions(true), s.size, s.cs)
+	staged, err := s.stageDescriptor(nd)
 	if err != nil {
-		// The snapshot is on disk but the stack cannot read it: stop
-		// serving rather than serve a wrong view.
-		newTop.Close()
-		s.layers = s.layers[:len(s.layers)-1]
-		s.closeAll()
-		s.closed = true
-		return "", st, fmt.Errorf("snapshot %s: reopen the frozen delta: %w", s.dir, err)
+		discardNew()
+		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
 	}
-	s.layers[len(s.layers)-1] = frozen
-	s.layers = append(s.layers, newTop)
-	s.chain = chain
-	s.desc = nd
+
+	s.descSync.Lock()
+	t0 := time.Now()
+	s.io.Lock()
+	err = staged.rename()
+	frozen := s.top()
+	if err == nil {
+		s.layers = append(s.layers, newTop)
+		s.chain, s.desc = chain, nd
+	}
+	s.io.Unlock()
+	st.observe(time.Since(t0))
+	if err != nil {
+		s.descSync.Unlock()
+		staged.discard()
+		discardNew()
+		return "", st, fmt.Errorf("snapshot %s: %w", s.dir, err)
+	}
+	err = staged.sync()
+	s.descSync.Unlock()
+	if err != nil {
+		return guid, st, fmt.Errorf("snapshot %s: %w", s.dir, err)
+	}
+	if err := s.reopenFrozen(len(chain)-2, frozen, &st); err != nil {
+		return guid, st, fmt.Errorf("snapshot %s: taken, but %w", s.dir, err)
+	}
 	return guid, st, nil
+}
+
+// stageDescriptor stages d for this stack (see stagedDescriptor).
+func (s *Stack) stageDescriptor(d *Descriptor) (*stagedDescriptor, error) {
+	sd, err := stageDescriptor(s.dir, d)
+	if err == nil {
+		sd.faults = s.faults
+	}
+	return sd, err
+}
+
+// reopenFrozen replaces layer k, still open through the writable handle w
+// it had as the top, by a read-only handle, then closes w cleanly. Until
+// then w serves the layer's reads; if the read-only open fails it goes on
+// doing so, and a clean close of the stack closes it.
+func (s *Stack) reopenFrozen(k int, w Disk, st *OnlineStats) error {
+	ro, err := openLayer(s.dir, s.chain[k], s.layerOptions(true), s.Size(), s.cs)
+	if err != nil {
+		return fmt.Errorf("the frozen delta could not be reopened read-only: %w", err)
+	}
+	t0 := time.Now()
+	s.io.Lock()
+	s.layers[k] = ro
+	s.io.Unlock()
+	st.observe(time.Since(t0))
+	if err := w.Close(); err != nil {
+		return fmt.Errorf("the frozen delta was not closed cleanly (run check --repair on the stack once it is closed): %w", err)
+	}
+	return nil
 }
 
 // reopenTop opens the top delta for writing again after a failed switch;
 // if that fails too the stack is closed.
 func (s *Stack) reopenTop(cause error) error {
-	l, err := openLayer(s.dir, s.chain[len(s.chain)-1], s.layerOptions(false), s.size, s.cs)
+	l, err := openLayer(s.dir, s.chain[len(s.chain)-1], s.layerOptions(false), s.Size(), s.cs)
 	if err != nil {
 		s.layers = s.layers[:len(s.layers)-1]
 		s.closeAll()
@@ -198,7 +234,7 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 		if err := upper.Close(); err != nil {
 			return fail(err)
 		}
-		l, err := openLayer(s.dir, s.chain[k+1], s.layerOptions(true), s.size, s.cs)
+		l, err := openLayer(s.dir, s.chain[k+1], s.layerOptions(true), s.Size(), s.cs)
 		if err != nil {
 			return fail(err)
 		}
@@ -211,10 +247,18 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 	nd := s.desc.clone()
 	nd.setChain(chain)
 	removed := s.chain[k : k+1]
+	staged, err := s.stageDescriptor(nd)
+	if err != nil {
+		if reopened != nil {
+			reopened.Close()
+		}
+		return fail(err)
+	}
 	var retired []Disk
+	s.descSync.Lock()
 	t0 := time.Now()
 	s.io.Lock()
-	err := writeDescriptor(s.dir, nd, nil)
+	err = staged.rename()
 	if err == nil {
 		retired = append(retired, s.layers[k])
 		layers := append([]Disk(nil), s.layers[:k]...)
@@ -230,13 +274,22 @@ func (s *Stack) DeleteSnapshot(guid string) (OnlineStats, error) {
 	s.io.Unlock()
 	st.observe(time.Since(t0))
 	if err != nil {
+		s.descSync.Unlock()
+		staged.discard()
 		if reopened != nil {
 			reopened.Close()
 		}
 		return fail(err)
 	}
+	err = staged.sync()
+	s.descSync.Unlock()
 	for _, l := range retired {
 		l.Close()
+	}
+	if err != nil {
+		// Switched, but the directory fsync failed: the merged delta
+		// stays on disk until a repair removes it as an orphan.
+		return fail(err)
 	}
 	if err := removeDeltas(s.dir, removed, nil); err != nil {
 		return fail(err)
@@ -268,10 +321,10 @@ func (s *Stack) foldOnline(src Disk, dst *Image, becomesBase, lockTop bool) erro
 }
 
 // Grow sets a larger virtual size on the open stack, as GrowStack does
-// offline: the descriptor first, then the top delta. Both happen while I/O
-// continues, including the relocation of the first data clusters when the
-// top's BAT must grow into them; I/O pauses for a barrier before those
-// places become BAT and for the switch to the new size. The NBD server
+// offline: the descriptor first, then the top delta. I/O never pauses,
+// not even for the relocation of the first data clusters when the top's
+// BAT must grow into them (it waits out the reads of those places before
+// they become BAT, see grace). A raw top pauses I/O to be reopened. The NBD server
 // reads the size per request; clients that cached it at the handshake,
 // and the kernel (see nbd.Attachment.Resize), must be told.
 func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
@@ -282,7 +335,7 @@ func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
 	}
 	sectors := (uint64(size) + SectorSize - 1) / SectorSize
 	if size <= 0 || sectors < s.desc.Params.DiskSize {
-		return st, fmt.Errorf("grow %s to %d: smaller than the current size %d: %w", s.dir, size, s.size, unix.EINVAL)
+		return st, fmt.Errorf("grow %s to %d: smaller than the current size %d: %w", s.dir, size, s.Size(), unix.EINVAL)
 	}
 	nd := s.desc.clone()
 	nd.setSize(sectors)
@@ -294,18 +347,17 @@ func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
 	}
 	var err error
 	if img, ok := s.top().(*Image); ok {
-		if err = img.grow(newSize, func() { st.observe(s.barrier()) }); err != nil && img.Size() == s.size {
+		// Requests check their range against the size once, so the
+		// switch to the larger size needs no pause.
+		if err = img.grow(newSize, s.inflight.wait); err != nil && img.Size() == s.Size() {
 			// The top did not change: put the old size back.
 			if rerr := writeDescriptor(s.dir, s.desc, nil); rerr != nil {
 				err = errors.Join(err, fmt.Errorf("restore the descriptor: %w", rerr))
 			}
 		}
 		if err == nil {
-			t0 := time.Now()
-			s.io.Lock()
-			s.desc, s.size = nd, newSize
-			s.io.Unlock()
-			st.observe(time.Since(t0))
+			s.desc = nd
+			s.size.Store(newSize)
 		}
 	} else {
 		// A raw top (a one-delta stack with a raw base) is closed,
@@ -313,7 +365,8 @@ func (s *Stack) Grow(size int64) (st OnlineStats, _ error) {
 		t0 := time.Now()
 		s.io.Lock()
 		if err = s.growRawTop(newSize); err == nil {
-			s.desc, s.size = nd, newSize
+			s.desc = nd
+			s.size.Store(newSize)
 		}
 		s.io.Unlock()
 		st.observe(time.Since(t0))
@@ -347,9 +400,8 @@ func (s *Stack) growRawTop(size int64) error {
 // Compact compacts the top delta of the open stack as CompactStack does
 // offline, while I/O continues (see Image.compact); an all-zero cluster of
 // the top is unallocated only where the deltas below read as zeros too
-// (they are immutable, so that is known once). I/O pauses only for the
-// barriers before freed places are reused or cut off. A raw top is left as
-// it is.
+// (they are immutable, so that is known once). It does not pause I/O. A
+// raw top is left as it is.
 func (s *Stack) Compact() (res CompactResult, st OnlineStats, _ error) {
 	s.online.Lock()
 	defer s.online.Unlock()
@@ -360,7 +412,7 @@ func (s *Stack) Compact() (res CompactResult, st OnlineStats, _ error) {
 	if !ok {
 		return res, st, nil
 	}
-	res, err := img.compact(s.readsNonZero(len(s.layers)-2), func() { st.observe(s.barrier()) })
+	res, err := img.compact(s.readsNonZero(len(s.layers)-2), s.inflight.wait)
 	if err != nil {
 		return res, st, fmt.Errorf("compact %s: %w", s.dir, err)
 	}

@@ -62,7 +62,7 @@ func (m *onlineModel) window(block int, from, to time.Time) (lo, hi uint64) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, v := range m.blocks[block] {
-		if v.end.Before(from) {
+		if !v.end.IsZero() && v.end.Before(from) {
 			lo = v.version
 		}
 		if v.start.Before(to) {
@@ -122,7 +122,12 @@ func onlineWriters(t *testing.T, s *Stack, m *onlineModel, writers int, phase *a
 				region := int(phase.Load()) % regions
 				blk := mine[region*per+rng.IntN(per)]
 				v := m.last(blk) + 1
-				start := time.Now()
+				// The version is in the model before the write starts,
+				// so a view checked while it is in flight allows it.
+				m.mu.Lock()
+				m.blocks[blk] = append(m.blocks[blk], blockVersion{version: v, start: time.Now()})
+				k := len(m.blocks[blk]) - 1
+				m.mu.Unlock()
 				if _, err := s.WriteAt(blockContent(blk, v), int64(blk)*onlineBlock); err != nil {
 					if failed.CompareAndSwap(false, true) {
 						t.Errorf("writer %d: %v", w, err)
@@ -130,7 +135,7 @@ func onlineWriters(t *testing.T, s *Stack, m *onlineModel, writers int, phase *a
 					return
 				}
 				m.mu.Lock()
-				m.blocks[blk] = append(m.blocks[blk], blockVersion{v, start, time.Now()})
+				m.blocks[blk][k].end = time.Now()
 				m.mu.Unlock()
 				if n%16 == 0 {
 					select {
