@@ -26,10 +26,10 @@ import (
 // that offline operations (Snapshot, DeleteSnapshot, Flatten, RepairStack)
 // cannot run while it is served.
 type Stack struct {
-	dir      string
-	desc     *Descriptor
-	chain    []DescriptorImg
-	layers   []Disk // base first; the last is the top
+	dir    string
+	desc   *Descriptor
+	chain  []DescriptorImg
+	layers []Disk // base first; the last is the top
 	// size is atomic because an online grow switches it while requests
 	// check their ranges against it.
 	size     atomic.Int64
