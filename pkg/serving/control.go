@@ -11,16 +11,19 @@ package serving
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"os"
 	"sync"
 	"time"
 
-	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
@@ -55,38 +58,61 @@ type Reply struct {
 // Pause is how long the operation paused I/O.
 func (r Reply) Pause() time.Duration { return time.Duration(r.PauseNS) }
 
+// maxRequest bounds a request line, newline included. Real requests are
+// under 200 bytes; the bound keeps a client from making the server buffer
+// an endless line.
+const maxRequest = 4096
+
+// maxReply bounds a reply line for the client, for the same reason.
+const maxReply = 64 << 10
+
+// ioTimeout bounds reading a request and writing a reply, so that a client
+// that connects and stalls does not keep a handler forever.
+const ioTimeout = 10 * time.Second
+
+// errRequestTooLong refuses a request line longer than maxRequest.
+var errRequestTooLong = fmt.Errorf("control request longer than %d bytes", maxRequest)
+
 // controlServer answers control requests for one volume.
 type controlServer struct {
-	v  *Volume
-	l  net.Listener
-	wg sync.WaitGroup
+	v *Volume
+	l *ownedListener
+	// uid is the serving process's user, which may use the socket besides
+	// root.
+	uid uint32
+	wg  sync.WaitGroup
 }
 
 // ServeControl starts answering control requests for the volume on a unix
-// socket at path; "" means ControlPath of the stack directory. The socket
-// stops with Close or Release.
+// socket at path (mode 0600); "" means ControlPath of the stack directory.
+// Only root and this process's uid are answered. The socket stops with
+// Close or Release, which remove it unless a successor has bound the path
+// since.
 func (v *Volume) ServeControl(path string) error {
 	if path == "" {
 		path = ControlPath(v.path)
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
+	if v.closed {
+		return fmt.Errorf("control socket for %s: %w", v.path, os.ErrClosed)
+	}
 	if v.stack == nil || v.readOnly {
 		return fmt.Errorf("control socket for %s: %w", v.path, ErrNotStack)
 	}
 	if v.ctl != nil {
 		return fmt.Errorf("control socket for %s: already serving", v.path)
 	}
-	l, err := nbd.ListenUnix(path)
+	l, err := listenOwned(path)
 	if err != nil {
-		return fmt.Errorf("control socket: %w", err)
+		return fmt.Errorf("control socket for %s: %w", v.path, err)
 	}
-	c := &controlServer{v: v, l: l}
+	c := &controlServer{v: v, l: l, uid: uint32(os.Getuid())}
 	c.wg.Add(1)
 	go func() {
 		defer c.wg.Done()
 		for {
-			nc, err := l.Accept()
+			nc, err := l.AcceptUnix()
 			if err != nil {
 				return
 			}
@@ -98,36 +124,121 @@ func (v *Volume) ServeControl(path string) error {
 		}
 	}()
 	v.ctl = c
+	klog.V(1).InfoS("serving: control socket", "dir", v.path, "socket", path)
 	return nil
 }
 
 // Close stops accepting requests, waits for those running and removes the
-// socket.
+// socket if it is still ours.
 func (c *controlServer) Close() error {
 	err := c.l.Close()
 	c.wg.Wait()
-	return err
+	if err != nil {
+		return fmt.Errorf("control socket %s: %w", c.l.path, err)
+	}
+	return nil
 }
 
-func (c *controlServer) handle(nc net.Conn) {
-	defer nc.Close()
-	nc.SetReadDeadline(time.Now().Add(10 * time.Second))
-	var req Request
-	line, err := bufio.NewReader(nc).ReadBytes('\n')
-	if err == nil {
-		err = json.Unmarshal(line, &req)
+// peerAllowed says whether a client with uid peer may use the control
+// socket of a server running as uid self. The 0600 socket already keeps
+// others out; this holds when its mode or directory does not.
+func peerAllowed(peer, self uint32) bool { return peer == 0 || peer == self }
+
+// peerUID is the uid of the process at the other end of nc, as the kernel
+// recorded it at connect.
+func peerUID(nc *net.UnixConn) (uint32, error) {
+	raw, err := nc.SyscallConn()
+	if err != nil {
+		return 0, err
 	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, fmt.Errorf("SO_PEERCRED: %w", cerr)
+	}
+	return cred.Uid, nil
+}
+
+func (c *controlServer) handle(nc *net.UnixConn) {
+	defer nc.Close()
+	var req Request
 	var rep Reply
+	uid, err := peerUID(nc)
+	if err == nil && !peerAllowed(uid, c.uid) {
+		err = fmt.Errorf("uid %d is not allowed to use this control socket: %w", uid, os.ErrPermission)
+	}
+	if err == nil {
+		nc.SetReadDeadline(time.Now().Add(ioTimeout))
+		req, err = readRequest(nc)
+	}
 	if err == nil {
 		rep, err = c.run(req)
 	}
 	if err != nil {
 		rep.Error = err.Error()
 	}
-	klog.InfoS("control request", "dir", c.v.path, "op", req.Op, "pause", rep.Pause(), "err", rep.Error)
+	klog.InfoS("serving: control request", "dir", c.v.path, "peerUID", uid, "op", req.Op, "pause", rep.Pause(), "err", rep.Error)
 	b, _ := json.Marshal(rep)
-	nc.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	nc.SetWriteDeadline(time.Now().Add(ioTimeout))
 	nc.Write(append(b, '\n'))
+}
+
+// readLine reads one newline-terminated line of at most max bytes,
+// newline included, without reading further than max+1 bytes.
+func readLine(r io.Reader, max int, tooLong error) ([]byte, error) {
+	line, err := bufio.NewReaderSize(io.LimitReader(r, int64(max)+1), 512).ReadBytes('\n')
+	switch {
+	case len(line) > max:
+		return nil, tooLong
+	case errors.Is(err, io.EOF):
+		return nil, fmt.Errorf("incomplete line (%d bytes, no newline)", len(line))
+	case err != nil:
+		return nil, err
+	}
+	return line, nil
+}
+
+// readRequest reads and checks one request line.
+func readRequest(r io.Reader) (Request, error) {
+	line, err := readLine(r, maxRequest, errRequestTooLong)
+	if err != nil {
+		return Request{}, fmt.Errorf("read control request: %w", err)
+	}
+	return parseRequest(line)
+}
+
+// parseRequest decodes a request line strictly: unknown fields are
+// errors, so that a client newer than the server is told instead of
+// having part of its request ignored.
+func parseRequest(line []byte) (Request, error) {
+	var req Request
+	dec := json.NewDecoder(bytes.NewReader(line))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		return req, fmt.Errorf("decode control request: %w", err)
+	}
+	if dec.More() {
+		return req, errors.New("decode control request: more than one value")
+	}
+	switch req.Op {
+	case OpSnapshot, OpCompact:
+	case OpSnapshotDelete:
+		if !ploop.ValidGUID(req.GUID) {
+			return req, fmt.Errorf("control request %s: bad GUID %q", req.Op, req.GUID)
+		}
+	case OpGrow:
+		if req.Size <= 0 {
+			return req, fmt.Errorf("control request %s: size %d must be positive", req.Op, req.Size)
+		}
+	default:
+		return req, fmt.Errorf("unknown control op %q", req.Op)
+	}
+	return req, nil
 }
 
 func (c *controlServer) run(req Request) (Reply, error) {
@@ -178,11 +289,15 @@ func Call(ctx context.Context, path string, req Request) (Reply, error) {
 	if err != nil {
 		return rep, err
 	}
-	if _, err := nc.Write(append(b, '\n')); err != nil {
-		return rep, fmt.Errorf("control socket %s: %w", path, err)
-	}
-	line, err := bufio.NewReader(nc).ReadBytes('\n')
+	_, werr := nc.Write(append(b, '\n'))
+	// A server that refuses a client (peer credentials) replies and
+	// hangs up without reading, so the write may fail with the reply
+	// already waiting: read it either way.
+	line, err := readLine(nc, maxReply, fmt.Errorf("control reply longer than %d bytes", maxReply))
 	if err != nil {
+		if werr != nil {
+			err = werr
+		}
 		return rep, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	if err := json.Unmarshal(line, &rep); err != nil {
