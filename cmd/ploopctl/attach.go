@@ -65,6 +65,14 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return exitUsage
 	}
+	for name, d := range map[string]time.Duration{"--timeout": *timeout, "--dead-conn-timeout": *deadConn} {
+		// The kernel counts in seconds.
+		if d < 0 || d%time.Second != 0 {
+			fmt.Fprintf(stderr, "ploopctl attach: %s %v: need whole seconds\n", name, d)
+			fs.Usage()
+			return exitUsage
+		}
+	}
 	if *reattach && *mountDir != "" {
 		fmt.Fprintln(stderr, "ploopctl attach: --reattach keeps the filesystem that is mounted already; drop --mount")
 		fs.Usage()

@@ -54,8 +54,10 @@ func (o AttachOptions) nbdOptions() (nbd.AttachOptions, error) {
 		Timeout:         o.Timeout,
 		DeadConnTimeout: o.DeadConnTimeout,
 	}
-	if o.BackendID == "" {
-		return n, errors.New("attach needs a backend identifier")
+	// Checked here, before FindBackend compares it with sysfs: the kernel
+	// shows it one per line.
+	if o.BackendID == "" || len(o.BackendID) > 255 || strings.ContainsAny(o.BackendID, "\x00\n") {
+		return n, fmt.Errorf("attach needs a backend identifier of 1 to 255 bytes without NUL or newline, not %q", o.BackendID)
 	}
 	if o.Connections < 0 || o.Timeout < 0 || o.DeadConnTimeout < 0 {
 		return n, errors.New("attach: connections and timeouts must not be negative")
@@ -103,11 +105,11 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", verb, v.path, err)
 	}
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.closed {
-		return fmt.Errorf("%s %s: %w", verb, v.path, os.ErrClosed)
+	done, err := v.begin(verb)
+	if err != nil {
+		return err
 	}
+	defer done()
 	if v.att != nil {
 		return fmt.Errorf("%s %s: already attached to %s", verb, v.path, v.att.Path())
 	}
@@ -134,7 +136,9 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", verb, v.path, err)
 	}
+	v.mu.Lock()
 	v.att = att
+	v.mu.Unlock()
 	if re {
 		// A grow whose process was killed between growing the stack and
 		// resizing the device left the device short.
@@ -145,7 +149,7 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 }
 
 // resizeShortDevice grows the device to the volume's size when the kernel
-// still has a smaller one. Called with mu held; failures are logged, the
+// still has a smaller one. Called with busy held; failures are logged, the
 // device keeps working at its old size.
 func (v *Volume) resizeShortDevice() {
 	b, err := os.ReadFile(filepath.Join("/sys/block", filepath.Base(v.att.Path()), "size"))

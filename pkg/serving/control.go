@@ -92,11 +92,11 @@ func (v *Volume) ServeControl(path string) error {
 	if path == "" {
 		path = ControlPath(v.path)
 	}
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.closed {
-		return fmt.Errorf("control socket for %s: %w", v.path, os.ErrClosed)
+	done, err := v.begin("control socket for")
+	if err != nil {
+		return err
 	}
+	defer done()
 	if v.stack == nil || v.readOnly {
 		return fmt.Errorf("control socket for %s: %w", v.path, ErrNotStack)
 	}
@@ -123,7 +123,17 @@ func (v *Volume) ServeControl(path string) error {
 			}()
 		}
 	}()
-	v.ctl = c
+	v.mu.Lock()
+	closing := v.closed
+	if !closing {
+		v.ctl = c
+	}
+	v.mu.Unlock()
+	if closing {
+		// A teardown that began meanwhile did not see this server.
+		c.Close()
+		return fmt.Errorf("control socket for %s: %w", v.path, os.ErrClosed)
+	}
 	klog.V(1).InfoS("serving: control socket", "dir", v.path, "socket", path)
 	return nil
 }
@@ -270,14 +280,21 @@ func (c *controlServer) run(req Request) (Reply, error) {
 var ErrNotServed = errors.New("stack is not served")
 
 // Call sends req to the process serving the control socket at path (see
-// ControlPath) and returns its reply. It returns ErrNotServed when no
-// process answers there, and the server's error when the request failed.
+// ControlPath) and returns its reply. It returns an error wrapping
+// ErrNotServed when there is no socket or nobody listens on it, and the
+// server's error when the request failed.
 func Call(ctx context.Context, path string, req Request) (Reply, error) {
 	var rep Reply
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "unix", path)
-	if err != nil {
+	switch {
+	case errors.Is(err, unix.ECONNREFUSED) || errors.Is(err, unix.ENOENT) || errors.Is(err, unix.ENOTDIR):
+		// No socket, or one whose server is gone.
 		return rep, fmt.Errorf("control socket %s: %w", path, ErrNotServed)
+	case err != nil:
+		// Served, but not reachable by this caller (EACCES): running
+		// offline instead would only fail on the stack's lock.
+		return rep, fmt.Errorf("control socket %s: %w", path, err)
 	}
 	defer nc.Close()
 	if dl, ok := ctx.Deadline(); ok {

@@ -8,7 +8,10 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -48,6 +51,11 @@ func TestControlPeerCredentials(t *testing.T) {
 	fi, err := os.Stat(sock)
 	if err != nil || fi.Mode().Perm() != 0o600 || fi.Mode().Type() != os.ModeSocket {
 		t.Fatalf("control socket: %v, %v; want a socket with mode 0600", fi, err)
+	}
+	// With the socket's own mode in force, another user cannot connect,
+	// and is told so rather than that the stack is not served.
+	if res := callAs(t, nobody, nobody, sock, Request{Op: OpSnapshot}); !strings.Contains(res.Err, "permission denied") || strings.Contains(res.Err, ErrNotServed.Error()) {
+		t.Fatalf("uid %d on a 0600 socket: %q, want permission denied", nobody, res.Err)
 	}
 	if err := os.Chmod(sock, 0o666); err != nil {
 		t.Fatal(err)
@@ -235,5 +243,60 @@ func TestControlSocketSuccessor(t *testing.T) {
 	}
 	if b, err := os.ReadFile(file); err != nil || string(b) != "keep" {
 		t.Fatalf("the regular file changed: %q, %v", b, err)
+	}
+}
+
+// TestCloseWithRequestsInFlight: Close while clients keep sending control
+// requests. Close stops the control socket and waits for the requests it
+// accepted, and those need the volume; so Close must not hold the volume
+// while it waits. Every Close must return, and every request must either
+// succeed or fail cleanly.
+func TestCloseWithRequestsInFlight(t *testing.T) {
+	rounds := 20
+	if testing.Short() {
+		rounds = 5
+	}
+	for round := range rounds {
+		// No Close in a cleanup: after a deadlock it would hang the test
+		// instead of letting it fail.
+		v, err := Open(newStack(t, 1<<20), OpenOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sock := filepath.Join(t.TempDir(), "ctl.sock")
+		if err := v.ServeControl(sock); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		var wg sync.WaitGroup
+		var ok atomic.Int64
+		for range 4 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for ctx.Err() == nil {
+					if _, err := Call(ctx, sock, Request{Op: OpCompact}); err != nil {
+						return
+					}
+					ok.Add(1)
+				}
+			}()
+		}
+		// Close once requests are flowing.
+		for ok.Load() < 2 && ctx.Err() == nil {
+			runtime.Gosched()
+		}
+		closed := make(chan error, 1)
+		go func() { closed <- v.Close(ctx) }()
+		select {
+		case err := <-closed:
+			if err != nil {
+				t.Fatalf("round %d: Close: %v", round, err)
+			}
+		case <-ctx.Done():
+			t.Fatalf("round %d: Close did not return with control requests in flight (%d answered)", round, ok.Load())
+		}
+		wg.Wait()
+		cancel()
 	}
 }

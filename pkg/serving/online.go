@@ -2,7 +2,6 @@ package serving
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 	"k8s.io/klog/v2"
@@ -16,11 +15,11 @@ import (
 // online runs op with the volume locked, so that it never overlaps an
 // attach, a close or another online operation of this volume.
 func (v *Volume) online(name string, op func() error) error {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.closed {
-		return fmt.Errorf("%s %s: %w", name, v.path, os.ErrClosed)
+	done, err := v.begin(name)
+	if err != nil {
+		return err
 	}
+	defer done()
 	if v.stack == nil || v.readOnly {
 		return fmt.Errorf("%s %s: %w", name, v.path, ErrNotStack)
 	}

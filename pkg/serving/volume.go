@@ -65,13 +65,32 @@ type Volume struct {
 	disk     disk
 	stack    *ploop.Stack // the same object as disk for KindStack, else nil
 
-	// mu serialises the lifecycle (attach, control socket, close) with
-	// the online operations, so that a grow's device resize never races
-	// a detach and Close waits for a running merge.
+	// busy serialises the online operations with attach, the control
+	// socket's start and the teardown, so that a grow's device resize
+	// never races a detach and Close waits for a running merge. It is
+	// held for as long as an operation runs, minutes for a merge.
+	busy sync.Mutex
+	// mu guards the fields below only for a moment, so that Device and
+	// Gone answer while a merge holds busy. They change only with both
+	// locks held, so a holder of busy may read them without mu.
 	mu     sync.Mutex
 	att    *nbd.Attachment
 	ctl    *controlServer
 	closed bool
+}
+
+// begin takes busy for an operation named what, failing once the volume
+// is closed.
+func (v *Volume) begin(what string) (func(), error) {
+	v.busy.Lock()
+	v.mu.Lock()
+	closed := v.closed
+	v.mu.Unlock()
+	if closed {
+		v.busy.Unlock()
+		return nil, fmt.Errorf("%s %s: %w", what, v.path, os.ErrClosed)
+	}
+	return v.busy.Unlock, nil
 }
 
 // Open opens path for serving: a stack directory is served whole, a file
@@ -227,29 +246,17 @@ func (v *Volume) Flush() error {
 // Close detaches and closes the volume: it stops the control socket,
 // disconnects the kernel device (waiting, until ctx ends, for the kernel to
 // let go of it), flushes and closes the image files, clearing the in-use
-// mark. A running online operation finishes first. Unmount the filesystem
-// on the device before. Close is idempotent; it reports every failure but
-// always releases what it can.
+// mark. A running online operation finishes first; operations asked for
+// later fail with os.ErrClosed. Unmount the filesystem on the device
+// before. Close is idempotent; it reports every failure but always
+// releases what it can.
 func (v *Volume) Close(ctx context.Context) error {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	if v.closed {
-		return nil
-	}
-	v.closed = true
-	var errs []error
-	if v.ctl != nil {
-		errs = append(errs, v.ctl.Close())
-		v.ctl = nil
-	}
-	if v.att != nil {
-		if err := v.att.Disconnect(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("detach %s: %w", v.path, err))
+	return v.teardown(func(att *nbd.Attachment) error {
+		if err := att.Disconnect(ctx); err != nil {
+			return fmt.Errorf("detach %s: %w", v.path, err)
 		}
-		v.att = nil
-	}
-	errs = append(errs, v.closeDisk())
-	return errors.Join(errs...)
+		return nil
+	})
 }
 
 // Release stops serving but leaves the kernel device connected, its I/O
@@ -257,26 +264,44 @@ func (v *Volume) Close(ctx context.Context) error {
 // successor calls Reattach. The image is flushed and closed cleanly, so the
 // successor needs no repair. Release is idempotent, and a no-op after Close.
 func (v *Volume) Release() error {
+	return v.teardown(func(att *nbd.Attachment) error {
+		att.Release()
+		return nil
+	})
+}
+
+// teardown closes the volume, letting go of its device with detach.
+func (v *Volume) teardown(detach func(*nbd.Attachment) error) error {
 	v.mu.Lock()
-	defer v.mu.Unlock()
 	if v.closed {
+		v.mu.Unlock()
 		return nil
 	}
+	// From here on new operations fail; the control socket is stopped
+	// before taking busy, because the requests it waits for may be
+	// waiting for busy themselves.
 	v.closed = true
+	ctl := v.ctl
+	v.ctl = nil
+	v.mu.Unlock()
 	var errs []error
-	if v.ctl != nil {
-		errs = append(errs, v.ctl.Close())
-		v.ctl = nil
+	if ctl != nil {
+		errs = append(errs, ctl.Close())
 	}
-	if v.att != nil {
-		v.att.Release()
-		v.att = nil
+	v.busy.Lock()
+	defer v.busy.Unlock()
+	v.mu.Lock()
+	att := v.att
+	v.att = nil
+	v.mu.Unlock()
+	if att != nil {
+		errs = append(errs, detach(att))
 	}
 	errs = append(errs, v.closeDisk())
 	return errors.Join(errs...)
 }
 
-// closeDisk flushes and closes the image files. Called with mu held.
+// closeDisk flushes and closes the image files. Called with busy held.
 func (v *Volume) closeDisk() error {
 	err := v.disk.Flush()
 	if cerr := v.disk.Close(); err == nil {
@@ -294,4 +319,6 @@ func (v *Volume) closeDisk() error {
 func ControlPath(dir string) string { return filepath.Join(dir, ControlName) }
 
 // ControlName is the control socket's file name inside a stack directory.
+// A lock file named ControlName+".lock" stays next to it (see
+// ownedListener).
 const ControlName = ".ploopctl.sock"
