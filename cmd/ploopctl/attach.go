@@ -16,7 +16,7 @@ import (
 	"time"
 
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
-	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 	"golang.org/x/sys/unix"
 )
 
@@ -37,12 +37,21 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 	direct := fs.Bool("direct", false, "open the image with O_DIRECT (no double caching)")
 	id := fs.String("id", "", "backend identifier shown in /sys/block/nbdN/backend (default: the image's absolute path)")
 	device := fs.String("device", "", "use this `/dev/nbdN` instead of any free device")
+	timeout := fs.Duration("timeout", 0, "the kernel's per-request timeout, whole seconds (0: pkg/nbd's default)")
+	deadConn := fs.Duration("dead-conn-timeout", 0, "how long the kernel holds I/O while this process is gone, waiting for\n`attach --reattach`; whole seconds (0: pkg/nbd's default)")
+	reattach := fs.Bool("reattach", false, "take over the device of a killed attach with the same --id (see above)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: ploopctl attach [--connections N] [--mount DIR] [--read-only] [--direct] [--id ID] [--device /dev/nbdN] IMAGE|DIR")
+		fmt.Fprintln(stderr, "usage: ploopctl attach [--connections N] [--mount DIR] [--read-only] [--direct] [--id ID] [--device /dev/nbdN]")
+		fmt.Fprintln(stderr, "                      [--timeout D] [--dead-conn-timeout D] [--reattach] IMAGE|DIR")
 		fmt.Fprintln(stderr, "Serves the image to a kernel nbd device and prints its path as the first line of stdout;")
 		fmt.Fprintln(stderr, "keeps serving until SIGINT, SIGTERM or `ploopctl detach`, then unmounts, disconnects and closes.")
-		fmt.Fprintln(stderr, "A stack DIR is served whole and takes online snapshot, snapshot-delete and grow requests")
-		fmt.Fprintln(stderr, "on DIR/"+controlName+" (the grow also resizes the device).")
+		fmt.Fprintln(stderr, "A stack DIR is served whole and takes online snapshot, snapshot-delete, grow and compact")
+		fmt.Fprintln(stderr, "requests on DIR/"+serving.ControlName+" (the grow also resizes the device).")
+		fmt.Fprintln(stderr, "When an attach is killed, the kernel keeps its device, with the filesystem on it mounted, and")
+		fmt.Fprintln(stderr, "holds its I/O for --dead-conn-timeout. `ploopctl attach --reattach --id ID IMAGE|DIR` then")
+		fmt.Fprintln(stderr, "repairs the image (the in-use mark, an interrupted online operation), reopens it, finds the")
+		fmt.Fprintln(stderr, "device whose backend is ID and gives the kernel fresh connections: no I/O error reaches the")
+		fmt.Fprintln(stderr, "filesystem. It takes the --timeout and --dead-conn-timeout of the first attach; --mount does not apply.")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -56,14 +65,24 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return exitUsage
 	}
-	index := nbd.AnyDevice
+	for name, d := range map[string]time.Duration{"--timeout": *timeout, "--dead-conn-timeout": *deadConn} {
+		// The kernel counts in seconds.
+		if d < 0 || d%time.Second != 0 {
+			fmt.Fprintf(stderr, "ploopctl attach: %s %v: need whole seconds\n", name, d)
+			fs.Usage()
+			return exitUsage
+		}
+	}
+	if *reattach && *mountDir != "" {
+		fmt.Fprintln(stderr, "ploopctl attach: --reattach keeps the filesystem that is mounted already; drop --mount")
+		fs.Usage()
+		return exitUsage
+	}
 	if *device != "" {
-		i, err := nbd.ParseDevice(*device)
-		if err != nil {
+		if _, err := nbd.ParseDevice(*device); err != nil {
 			fmt.Fprintf(stderr, "ploopctl attach: %v\n", err)
 			return exitUsage
 		}
-		index = i
 	}
 	path, err := filepath.Abs(fs.Arg(0))
 	if err != nil {
@@ -77,7 +96,8 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	img, kind, err := openImage(path, *readOnly, *direct)
+	// A killed predecessor left the top delta marked in use.
+	vol, err := serving.Open(path, serving.OpenOptions{ReadOnly: *readOnly, Direct: *direct, Repair: *reattach})
 	if err != nil {
 		fmt.Fprintf(stderr, "ploopctl attach: %v\n", err)
 		return exitFail
@@ -89,50 +109,55 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 			status = exitFail
 		}
 	}
-	defer func() { report(closeImage(img)) }()
-
-	srv, err := nbd.NewServer(nbd.Export{Name: filepath.Base(path), Description: kind + " image " + path, Backend: img, ReadOnly: *readOnly})
-	if err != nil {
-		report(err)
-		return status
-	}
 	k, err := nbd.OpenKernel()
 	if err != nil {
 		report(err)
+		report(vol.Close(context.Background()))
 		return status
 	}
 	defer k.Close()
-	att, err := k.Connect(ctx, srv, nbd.AttachOptions{BackendID: *id, Connections: *conns, Index: index})
+	defer func() {
+		dctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		report(vol.Close(dctx))
+	}()
+	opts := serving.AttachOptions{
+		BackendID: *id, Device: *device, Connections: *conns,
+		Timeout: *timeout, DeadConnTimeout: *deadConn,
+	}
+	if *reattach {
+		// The kernel found the old connections dead when the killed
+		// process's sockets closed; a minute is ample.
+		actx, cancel := context.WithTimeout(ctx, time.Minute)
+		err = vol.Reattach(actx, k, opts)
+		cancel()
+	} else {
+		err = vol.Attach(ctx, k, opts)
+	}
 	if err != nil {
 		report(err)
 		return status
 	}
-	defer func() {
-		dctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		report(att.Disconnect(dctx))
-	}()
-	if st, ok := img.(*ploop.Stack); ok && !*readOnly {
-		// An online grow must reach the kernel device too.
-		ctl, err := startControl(st, att.Resize)
-		if err != nil {
+	dev := vol.Device()
+	if vol.Kind() == serving.KindStack && !*readOnly {
+		if err := vol.ServeControl(""); err != nil {
 			report(err)
 			return status
 		}
-		defer func() { report(ctl.Close()) }()
 	}
-	if err := writePidFile(att.Index()); err != nil {
+	index, _ := nbd.ParseDevice(dev)
+	if err := writePidFile(index); err != nil {
 		report(err)
 		return status
 	}
-	defer os.Remove(pidFile(att.Index()))
+	defer os.Remove(pidFile(index))
 	if *mountDir != "" {
 		opts := "rw"
 		if *readOnly {
 			opts = "ro"
 		}
-		if out, err := exec.Command("mount", "-o", opts, att.Path(), *mountDir).CombinedOutput(); err != nil {
-			report(fmt.Errorf("mount %s on %s: %v: %s", att.Path(), *mountDir, err, strings.TrimSpace(string(out))))
+		if out, err := exec.Command("mount", "-o", opts, dev, *mountDir).CombinedOutput(); err != nil {
+			report(fmt.Errorf("mount %s on %s: %v: %s", dev, *mountDir, err, strings.TrimSpace(string(out))))
 			return status
 		}
 		defer func() {
@@ -141,11 +166,11 @@ func runAttach(args []string, stdout, stderr io.Writer) int {
 			}
 		}()
 	}
-	fmt.Fprintln(stdout, att.Path())
+	fmt.Fprintln(stdout, dev)
 	select {
 	case <-ctx.Done():
-	case <-att.Gone():
-		report(fmt.Errorf("%s was disconnected by someone else", att.Path()))
+	case <-vol.Gone():
+		report(fmt.Errorf("%s was disconnected by someone else", dev))
 	}
 	return status
 }

@@ -21,6 +21,7 @@ import (
 // the exchange directory.
 func TestAttachKernel(t *testing.T) {
 	vmtest.Run(t, vmtest.Options{
+		Timeout: 20 * time.Minute,
 		Prepare: func(xchg string) error {
 			out, err := exec.Command("go", "build", "-o", filepath.Join(xchg, "ploopctl"), ".").CombinedOutput()
 			if err != nil {
@@ -32,6 +33,7 @@ func TestAttachKernel(t *testing.T) {
 		{Name: "AttachMountDetach", Run: testAttachMountDetach},
 		{Name: "DetachWithoutServer", Run: testDetachWithoutServer},
 		{Name: "StackOnline", Run: testAttachStackOnline},
+		{Name: "StackReattachAfterKill", Run: testStackReattachAfterKill},
 	})
 }
 

@@ -7,6 +7,7 @@ import (
 	"io"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 )
 
 func runCompact(args []string, stdout, stderr io.Writer) int {
@@ -51,8 +52,8 @@ func runCompact(args []string, stdout, stderr io.Writer) int {
 // compactStack compacts through the control socket when the stack is
 // served, offline otherwise.
 func compactStack(dir string) (ploop.CompactResult, error) {
-	rep, err := controlCall(dir, controlRequest{Op: "compact"})
-	if errors.Is(err, errNotServed) {
+	rep, err := callServed(dir, serving.Request{Op: serving.OpCompact})
+	if errors.Is(err, serving.ErrNotServed) {
 		return ploop.CompactStack(dir)
 	}
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"io"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 )
 
 func runGrow(args []string, stdout, stderr io.Writer) int {
@@ -26,8 +27,8 @@ func runGrow(args []string, stdout, stderr io.Writer) int {
 	if !size.set || size.n <= 0 {
 		return usageError(fs, stderr, "-s SIZE is required and must be positive")
 	}
-	_, err := controlCall(pos[0], controlRequest{Op: "grow", Size: size.n})
-	if errors.Is(err, errNotServed) {
+	_, err := callServed(pos[0], serving.Request{Op: serving.OpGrow, Size: size.n})
+	if errors.Is(err, serving.ErrNotServed) {
 		err = ploop.GrowStack(pos[0], size.n)
 	}
 	if err != nil {

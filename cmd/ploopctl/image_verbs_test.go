@@ -122,6 +122,10 @@ func TestHelpAndUsage(t *testing.T) {
 		{"convert", "-O", "qcow2", "a", "b"},
 		{"convert", "--cluster-size", "64K", "a", "b"},
 		{"no-such-verb"},
+		{"attach", "--timeout", "1500ms", filepath.Join(dir, "a")},
+		{"attach", "--dead-conn-timeout", "-1s", filepath.Join(dir, "a")},
+		{"attach", "--reattach", "--mount", dir, filepath.Join(dir, "a")},
+		{"attach", "--device", "/dev/sda", filepath.Join(dir, "a")},
 	} {
 		if _, errOut, code := ploopctl(t, args...); code != exitUsage {
 			t.Errorf("%v: exit %d, want %d (%s)", args, code, exitUsage, errOut)

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 	"golang.org/x/sys/unix"
 )
 
@@ -158,7 +159,7 @@ func TestOnlineStackVerbs(t *testing.T) {
 	mustPloopctl(t, "init", "-s", "16M", "--cluster-size", "64K", dir)
 	sock := filepath.Join(tmp, "nbd.sock")
 	uri, stop := startServe(t, "--socket", sock, "--export", "vol", dir)
-	if fi, err := os.Stat(controlPath(dir)); err != nil || fi.Mode().Perm() != 0o600 || fi.Mode().Type() != os.ModeSocket {
+	if fi, err := os.Stat(serving.ControlPath(dir)); err != nil || fi.Mode().Perm() != 0o600 || fi.Mode().Type() != os.ModeSocket {
 		t.Fatalf("control socket: %v %v", fi, err)
 	}
 	model := make([]byte, size)
@@ -230,7 +231,7 @@ func TestOnlineStackVerbs(t *testing.T) {
 	if code := stop(); code != 0 {
 		t.Fatalf("ploopctl serve exited %d", code)
 	}
-	if _, err := os.Stat(controlPath(dir)); !os.IsNotExist(err) {
+	if _, err := os.Stat(serving.ControlPath(dir)); !os.IsNotExist(err) {
 		t.Fatalf("control socket left behind: %v", err)
 	}
 	if got := exportRaw(t, dir, ""); !bytes.Equal(got, model) {
@@ -346,7 +347,7 @@ func testAttachStackOnline(t *testing.T) {
 func TestControlSocketStale(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "vol")
 	mustPloopctl(t, "init", "-s", "1M", dir)
-	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: controlPath(dir), Net: "unix"})
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: serving.ControlPath(dir), Net: "unix"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -359,8 +360,8 @@ func TestControlSocketStale(t *testing.T) {
 	if out := mustPloopctl(t, "snapshot-list", dir); strings.Contains(out, guid) {
 		t.Fatalf("snapshot-list after deleting %s:\n%s", guid, out)
 	}
-	if _, err := controlCall(dir, controlRequest{Op: "snapshot"}); !errors.Is(err, errNotServed) {
-		t.Fatalf("control call to a stale socket: %v, want errNotServed", err)
+	if _, err := callServed(dir, serving.Request{Op: serving.OpSnapshot}); !errors.Is(err, serving.ErrNotServed) {
+		t.Fatalf("control call to a stale socket: %v, want serving.ErrNotServed", err)
 	}
 }
 
@@ -394,7 +395,7 @@ func TestOnlineMergeKilled(t *testing.T) {
 			}
 			merged := make(chan error, 1)
 			go func() {
-				_, err := controlCall(dir, controlRequest{Op: "snapshot-delete", GUID: guid})
+				_, err := callServed(dir, serving.Request{Op: serving.OpSnapshotDelete, GUID: guid})
 				merged <- err
 			}()
 			if i == 8 {
@@ -484,14 +485,14 @@ func TestOnlineOpsKilled(t *testing.T) {
 				// Data with a discarded hole in the middle, so that
 				// compaction has clusters to move down.
 				serveRun(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 32M", "-c", "discard 4M 8M", "-c", "flush", uri)
-				req := controlRequest{Op: op}
+				req := serving.Request{Op: serving.Op(op)}
 				if op == "grow" {
 					req.Size = grown
 				}
 				done := make(chan error, 1)
 				start := time.Now()
 				go func() {
-					_, err := controlCall(dir, req)
+					_, err := callServed(dir, req)
 					done <- err
 				}()
 				var timer *time.Timer

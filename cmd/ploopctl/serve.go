@@ -7,65 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"os/signal"
 	"path/filepath"
 	"syscall"
 
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
-	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 )
-
-// image is what the serving verbs open: a ploop image or a raw file.
-type image interface {
-	nbd.Backend
-	Close() error
-}
-
-// openImage opens path as a ploop image when it starts with a ploop
-// header signature, and as a raw file otherwise.
-// A stack directory (with a DiskDescriptor.xml) opens as the whole stack.
-func openImage(path string, readOnly, direct bool) (image, string, error) {
-	if ploop.IsStackDir(path) {
-		st, err := ploop.OpenStack(path, ploop.StackOptions{ReadOnly: readOnly, Direct: direct})
-		if err != nil {
-			return nil, "", err
-		}
-		return st, "stack", nil
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, "", err
-	}
-	hdr := make([]byte, ploop.HeaderSize)
-	n, err := io.ReadFull(f, hdr)
-	f.Close()
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return nil, "", fmt.Errorf("read %s: %w", path, err)
-	}
-	if _, perr := ploop.ParseHeader(hdr[:n]); !errors.Is(perr, ploop.ErrNotPloop) {
-		// A ploop signature with a bad header is reported by Open.
-		img, err := ploop.Open(path, ploop.OpenOptions{ReadOnly: readOnly, Direct: direct})
-		if err != nil {
-			return nil, "", err
-		}
-		return img, "ploop", nil
-	}
-	raw, err := ploop.OpenRawWith(path, ploop.OpenOptions{ReadOnly: readOnly, Direct: direct})
-	if err != nil {
-		return nil, "", err
-	}
-	return raw, "raw", nil
-}
-
-// closeImage flushes and closes, reporting the first error.
-func closeImage(img image) error {
-	err := img.Flush()
-	if cerr := img.Close(); err == nil {
-		err = cerr
-	}
-	return err
-}
 
 func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
@@ -79,8 +27,8 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "usage: ploopctl serve [--socket PATH | --listen ADDR] [--read-only] [--export NAME] [--direct] IMAGE|RAW|DIR")
 		fmt.Fprintln(stderr, "Serves the image over NBD until SIGINT or SIGTERM, then flushes and closes it.")
 		fmt.Fprintln(stderr, "The first line of stdout is the NBD URI, printed once the server accepts connections.")
-		fmt.Fprintln(stderr, "A stack DIR is served whole; while it is served, `ploopctl snapshot`, `snapshot-delete` and")
-		fmt.Fprintln(stderr, "`grow` on DIR run in this process through the control socket DIR/"+controlName+" (mode 0600).")
+		fmt.Fprintln(stderr, "A stack DIR is served whole; while it is served, `ploopctl snapshot`, `snapshot-delete`, `grow`")
+		fmt.Fprintln(stderr, "and `compact` on DIR run in this process through the control socket DIR/"+serving.ControlName+" (mode 0600).")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -103,21 +51,17 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	img, kind, err := openImage(path, *readOnly, *direct)
+	vol, err := serving.Open(path, serving.OpenOptions{ReadOnly: *readOnly, Direct: *direct})
 	if err != nil {
 		fmt.Fprintf(stderr, "ploopctl serve: %v\n", err)
 		return exitFail
 	}
 	fail := func(err error) int {
 		fmt.Fprintf(stderr, "ploopctl serve: %v\n", err)
-		if cerr := closeImage(img); cerr != nil {
+		if cerr := vol.Close(context.Background()); cerr != nil {
 			fmt.Fprintf(stderr, "ploopctl serve: %v\n", cerr)
 		}
 		return exitFail
-	}
-	srv, err := nbd.NewServer(nbd.Export{Name: name, Description: kind + " image " + path, Backend: img, ReadOnly: *readOnly})
-	if err != nil {
-		return fail(err)
 	}
 	var l net.Listener
 	var uri string
@@ -136,26 +80,18 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		return fail(err)
 	}
-	// A served stack takes snapshot, snapshot-delete and grow requests
-	// on its control socket (control.go).
-	var ctl *controlServer
-	if st, ok := img.(*ploop.Stack); ok && !*readOnly {
-		if ctl, err = startControl(st, nil); err != nil {
+	// A served stack takes the online operations on its control socket.
+	if vol.Kind() == serving.KindStack && !*readOnly {
+		if err := vol.ServeControl(""); err != nil {
 			l.Close()
 			return fail(err)
 		}
 	}
 	fmt.Fprintln(stdout, uri)
-	err = srv.Serve(ctx, l)
-	if ctl != nil {
-		if cerr := ctl.Close(); err == nil {
-			err = cerr
-		}
-	}
-	if err != nil {
+	if err := vol.Serve(ctx, l, name); err != nil {
 		return fail(err)
 	}
-	if err := closeImage(img); err != nil {
+	if err := vol.Close(context.Background()); err != nil {
 		fmt.Fprintf(stderr, "ploopctl serve: %v\n", err)
 		return exitFail
 	}

@@ -6,6 +6,7 @@ import (
 	"io"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 )
 
 func runSnapshot(args []string, stdout, stderr io.Writer) int {
@@ -21,9 +22,9 @@ func runSnapshot(args []string, stdout, stderr io.Writer) int {
 		return usageError(fs, stderr, "need exactly one DIR")
 	}
 	var guid string
-	rep, err := controlCall(pos[0], controlRequest{Op: "snapshot"})
+	rep, err := callServed(pos[0], serving.Request{Op: serving.OpSnapshot})
 	switch {
-	case errors.Is(err, errNotServed):
+	case errors.Is(err, serving.ErrNotServed):
 		guid, err = ploop.Snapshot(pos[0])
 	case err == nil:
 		guid = rep.GUID

@@ -5,6 +5,7 @@ import (
 	"io"
 
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 )
 
 func runSnapshotDelete(args []string, stdout, stderr io.Writer) int {
@@ -23,8 +24,8 @@ func runSnapshotDelete(args []string, stdout, stderr io.Writer) int {
 	if !ploop.ValidGUID(*guid) {
 		return usageError(fs, stderr, "-u needs a GUID like {5fbaabe3-6958-40ff-92a7-860e329aab41}")
 	}
-	_, err := controlCall(pos[0], controlRequest{Op: "snapshot-delete", GUID: *guid})
-	if errors.Is(err, errNotServed) {
+	_, err := callServed(pos[0], serving.Request{Op: serving.OpSnapshotDelete, GUID: *guid})
+	if errors.Is(err, serving.ErrNotServed) {
 		err = ploop.DeleteSnapshot(pos[0], *guid)
 	}
 	if err != nil {
