@@ -17,8 +17,9 @@ type guestModule struct {
 }
 
 // guestModules are what the kernel tests need beyond the built-in parts of
-// Debian's kernel: block devices (nbd, loop, virtio), file systems with
-// project quota, and the 9p transport that carries the host root.
+// Debian's kernel: block devices (nbd, loop, virtio, device-mapper with the
+// log-writes target), file systems with project quota, and the 9p transport
+// that carries the host root.
 func guestModules() []guestModule {
 	return []guestModule{
 		{Name: "virtio_pci", Boot: true},
@@ -31,6 +32,10 @@ func guestModules() []guestModule {
 		{Name: "quota_v2"},
 		{Name: "ext4"},
 		{Name: "xfs"},
+		// dm-log-writes records every write to a block device with its
+		// flush and FUA flags, for power-loss replay tests.
+		{Name: "dm-mod"},
+		{Name: "dm-log-writes"},
 	}
 }
 
