@@ -5,11 +5,14 @@
 // and data clusters. The virtual disk is cut into clusters (1 MiB by
 // default); BAT entry i says where virtual cluster i lives in the file, or 0
 // when it is not allocated and reads as zeros. New clusters are appended to
-// the file. Crash consistency follows ploop and QEMU: a cluster's data is
-// written before its BAT entry, BAT entries reach the disk only at Flush
-// (after an fsync of the data), the header carries an in-use mark while the
+// the file. Crash consistency: a cluster's data is written before its BAT
+// entry, every BAT change is written through to the file at once (so a
+// killed process loses nothing it acknowledged) and becomes durable at
+// Flush, a cluster that hides data below it has its data made durable
+// before its entry is written, the header carries an in-use mark while the
 // image is open for writing, and an image found with that mark set must be
-// checked and repaired before it is written again.
+// checked and repaired before it is written again. docs/design.md states
+// these invariants and the crash model they give.
 //
 // A Stack (stack.go) is a directory in OpenVZ's layout: DiskDescriptor.xml
 // (descriptor.go) lists a chain of deltas, the base possibly raw. Reads fall

@@ -8,7 +8,7 @@ import (
 	"math/bits"
 )
 
-// Layout constants of the on-disk format (DESIGN.md §4).
+// Layout constants of the on-disk format (docs/design.md §2).
 const (
 	// HeaderSize is the size of the image header; the BAT follows it.
 	HeaderSize = 64

@@ -10,7 +10,7 @@
 // composes them. Everything a served volume owns hangs off its *Volume, so a
 // process may serve any number of volumes; the package has no global state.
 //
-// Restart model (docs in ../shared/DESIGN.md §5 and §9): a kernel device
+// Restart model (docs/design.md §5): a kernel device
 // outlives the process that serves it. Attach gives the kernel a
 // DeadConnTimeout during which it holds I/O when every connection has died.
 // A successor process opens the volume with OpenOptions.Repair (the killed

@@ -30,7 +30,7 @@
 //
 // Registry updates are serialised across processes (flock); per-volume
 // operations are serialised only within one Root, so one process should own a
-// root's volumes at a time (the node plugin), as DESIGN.md §3 prescribes.
+// root's volumes at a time (the node plugin), as docs/design.md describes.
 //
 // Trees are walked with directory file descriptors and O_NOFOLLOW, never by
 // path, so a volume's owner cannot redirect Delete, Snapshot or Restore outside
