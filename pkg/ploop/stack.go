@@ -495,7 +495,7 @@ func (s *Stack) writeCluster(p []byte, pos int64) error {
 		return err
 	}
 	lower := false
-	if !alloc && int64(len(p)) < clen {
+	if !alloc {
 		if lower, err = s.lowerAllocated(start, clen); err != nil {
 			return err
 		}
@@ -503,6 +503,12 @@ func (s *Stack) writeCluster(p []byte, pos int64) error {
 	if !lower {
 		_, err := top.WriteAt(p, pos)
 		return err
+	}
+	// The new cluster hides lower data: whether the write covers it or
+	// not, a power loss must find the lower data or the new data there,
+	// never zeros (an ordered allocation).
+	if int64(len(p)) == clen {
+		return s.topImage().allocate(start, p, true)
 	}
 	buf := make([]byte, clen)
 	if err := s.readLayer(len(s.layers)-2, buf, start); err != nil {

@@ -53,9 +53,10 @@ func (s *Stack) checkOnline(op string) error {
 // Snapshot freezes the current state of the open stack under a new GUID
 // and continues on a new, empty top delta; it returns the GUID. The new
 // delta and the new descriptor are written and the old top flushed before
-// I/O pauses; the pause covers only the descriptor's rename and the switch
-// of the chain in memory (no fsync: the rename is made durable after I/O
-// resumed, and flushes wait for that, see descSync). The old top then keeps
+// I/O pauses; the pause covers a flush of what the old top took since
+// (little), the descriptor's rename and the switch of the chain in memory.
+// The rename is made durable after I/O resumed; flushes wait for that (see
+// descSync). The old top then keeps
 // serving reads through its writable handle until a read-only one replaces
 // it, and is closed cleanly (its in-use mark cleared, so that the frozen
 // delta passes qemu-img check) before Snapshot returns. A GUID returned
@@ -111,8 +112,14 @@ func (s *Stack) Snapshot() (_ string, st OnlineStats, _ error) {
 	s.descSync.Lock()
 	t0 := time.Now()
 	s.io.Lock()
-	err = staged.rename()
 	frozen := s.top()
+	// What the old top acknowledged since the flush above must be
+	// durable before the descriptor can make it a snapshot: a power loss
+	// must not find the snapshot without it.
+	err = frozen.Flush()
+	if err == nil {
+		err = staged.rename()
+	}
 	if err == nil {
 		s.layers = append(s.layers, newTop)
 		s.chain, s.desc = chain, nd
