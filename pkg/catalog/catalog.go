@@ -156,8 +156,10 @@ func Open(dir string, opts Options) (*Catalog, error) {
 		return nil, fmt.Errorf("open storage root %s: %w", dir, err)
 	}
 	if err := c.recover(); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("open storage root %s: recover: %w", dir, err)
+		// What could not be finished stays recorded as it is: hidden from
+		// lists, counted as provisioned, retried by the next request for
+		// the same name or id and by the next Open.
+		c.logger().Error(err, "could not finish every interrupted operation")
 	}
 	return c, nil
 }

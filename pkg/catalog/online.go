@@ -16,7 +16,8 @@ import "context"
 // other error is returned to the caller as it is: the operation may or may
 // not have run, and every operation is safe to repeat.
 type Online interface {
-	// Attached reports whether the volume is attached (served) anywhere.
+	// Attached reports whether the volume (of either type) is staged on a
+	// node; DeleteVolume refuses attached volumes.
 	Attached(ctx context.Context, volumeID string) (bool, error)
 	// Snapshot freezes the served stack's top delta and returns the GUID
 	// of the frozen delta (ploop.Stack.Snapshot).

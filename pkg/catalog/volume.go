@@ -257,8 +257,8 @@ func (c *Catalog) createVolume(ctx context.Context, req VolumeRequest) (Volume, 
 	}
 	defer unlock()
 
-	// The source is locked before the name's earlier attempt is looked
-	// at: undoing that attempt may change the source's record.
+	// The source is locked (after the name, before anything else) so
+	// that it cannot go away while it is cloned.
 	var srcSnap *snapshotRecord
 	var srcVol *volumeRecord
 	switch {
