@@ -76,8 +76,10 @@
 // everything:
 //
 //   - create (volume or snapshot): record "creating" → data (stack, clone,
-//     simfs directory; a clone of a volume first records the GUID of the
-//     source's snapshot) → record "ready";
+//     simfs directory; a simfs clone first records the id of the copy it
+//     goes through) → record "ready". A ploop delta frozen for a snapshot
+//     or clone that never became ready is linked by its volume alone, and
+//     the volume's next merge pass folds it away;
 //   - delete: record "deleting" → data removed → for a ploop snapshot, the
 //     merge noted in the source's record → record removed → merges;
 //   - expand: the stack or quota first, then the record.

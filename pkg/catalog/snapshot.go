@@ -109,10 +109,10 @@ func (c *Catalog) takeSnapshot(ctx context.Context, rec *snapshotRecord) error {
 		if err != nil {
 			return err
 		}
+		// Not recorded until the snapshot is ready: after a crash before
+		// that, the frozen delta is linked by the volume alone and the
+		// volume's next trim merges it (trimLocked).
 		rec.GUID = guid
-		if err := c.putSnapshot(rec); err != nil {
-			return err
-		}
 		c.hook("snapshot-frozen")
 		dir := c.snapDir(rec.ID)
 		if err := ploop.Clone(c.stackDir(rec.SourceVolume), guid, dir); err != nil {

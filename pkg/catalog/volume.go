@@ -424,10 +424,9 @@ func (c *Catalog) buildStack(ctx context.Context, rec *volumeRecord, srcSnap *sn
 		if err != nil {
 			return err
 		}
+		// Recorded with the ready volume only: until the clone links
+		// it, the source alone does, and its next trim merges it.
 		rec.CloneSnapshot = guid
-		if err := c.putVolume(rec); err != nil {
-			return err
-		}
 		c.hook("volume-source-frozen")
 		if err := ploop.Clone(c.stackDir(srcVol.ID), guid, dir); err != nil {
 			return err
