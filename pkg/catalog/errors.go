@@ -1,0 +1,43 @@
+package catalog
+
+import "errors"
+
+// Error classes. Every error the catalogue returns because of the request or
+// the state of the root wraps one of these, so that the CSI layer maps them
+// to gRPC codes in one place; the text around it says what to do.
+var (
+	// ErrInvalid: a malformed request or id (InvalidArgument).
+	ErrInvalid = errors.New("invalid argument")
+	// ErrNotFound: no such volume or snapshot (NotFound).
+	ErrNotFound = errors.New("not found")
+	// ErrExists: the name is taken by an object with other parameters
+	// (AlreadyExists).
+	ErrExists = errors.New("already exists with different parameters")
+	// ErrOutOfRange: a size outside what the request's limit or the type
+	// allows (OutOfRange).
+	ErrOutOfRange = errors.New("size out of range")
+	// ErrNoSpace: the storage root cannot promise the capacity
+	// (ResourceExhausted), so a scheduler can pick another node.
+	ErrNoSpace = errors.New("not enough capacity in the storage root")
+	// ErrLimit: a per-volume limit is reached, e.g. the ploop chain limit of
+	// 127 deltas (ResourceExhausted).
+	ErrLimit = errors.New("limit reached")
+	// ErrInUse: the volume is attached or served by a process, so the
+	// operation cannot run now (FailedPrecondition).
+	ErrInUse = errors.New("in use")
+	// ErrPrecondition: the root cannot do this at all in its current state,
+	// e.g. simfs on a filesystem without project quota (FailedPrecondition).
+	ErrPrecondition = errors.New("precondition failed")
+	// ErrBusy: another operation on the same name, volume or snapshot is in
+	// progress and the context ended while waiting for it (Aborted).
+	ErrBusy = errors.New("another operation is in progress")
+	// ErrBadToken: a list token this catalogue did not issue (Aborted).
+	ErrBadToken = errors.New("invalid list token")
+	// ErrUnavailable: the storage root or the node that serves the volume
+	// cannot be reached or used now; a retry may succeed (Unavailable).
+	ErrUnavailable = errors.New("unavailable")
+)
+
+// ErrNotAttached is what an Online implementation returns when it does not
+// serve the volume; the catalogue then runs the operation offline itself.
+var ErrNotAttached = errors.New("volume is not attached")
