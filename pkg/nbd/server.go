@@ -115,12 +115,13 @@ func NewServer(exports ...Export) (*Server, error) {
 // then closes the listener and every connection and waits for their
 // requests to finish. It returns nil after cancellation.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	stop := context.AfterFunc(ctx, func() { l.Close() })
-	defer stop()
+	// Cancelled before the wait, also when Accept fails: that ends the
+	// connections, and closes the listener.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	context.AfterFunc(ctx, func() { l.Close() })
 	// slots holds one token per connection served; refusals bounds the
 	// connections being refused, beyond which they are just closed.
 	var slots, refusals chan struct{}
@@ -215,7 +216,7 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) (err error) {
 	defer c.recoverPanic(&err)
 	clearDeadline := c.handshakeDeadline(s.opts.HandshakeTimeout)
 	exp, err := c.negotiate()
-	if ok := clearDeadline(); !ok || errors.Is(err, os.ErrDeadlineExceeded) {
+	if closed := clearDeadline(); closed || errors.Is(err, os.ErrDeadlineExceeded) {
 		return fmt.Errorf("nbd: handshake not finished within %v: %w", s.opts.HandshakeTimeout, os.ErrDeadlineExceeded)
 	}
 	if err != nil || exp == nil {
@@ -349,21 +350,22 @@ func (c *conn) recoverPanic(err *error) {
 }
 
 // handshakeDeadline limits the handshake to d (no limit when d <= 0). The
-// returned function lifts the limit and reports whether it was kept.
-func (c *conn) handshakeDeadline(d time.Duration) (clear func() bool) {
+// returned function lifts the limit; it reports true when the limit was
+// enforced by closing the connection. Otherwise an expired limit shows
+// as an error wrapping os.ErrDeadlineExceeded from the handshake's I/O.
+func (c *conn) handshakeDeadline(d time.Duration) (clear func() (closed bool)) {
 	if d <= 0 {
-		return func() bool { return true }
+		return func() bool { return false }
 	}
 	if err := c.nc.SetDeadline(time.Now().Add(d)); err == nil {
 		return func() bool {
-			// Checked after the fact: an expired deadline has failed
-			// some read or write of the handshake.
-			return c.nc.SetDeadline(time.Time{}) == nil
+			_ = c.nc.SetDeadline(time.Time{})
+			return false
 		}
 	}
 	// A connection without deadlines is closed instead.
 	t := time.AfterFunc(d, c.shutdown)
-	return t.Stop
+	return func() bool { return !t.Stop() }
 }
 
 // greet sends the server's greeting and reads the client's flags.
@@ -623,9 +625,10 @@ func (c *conn) transmit(exp *export) error {
 		defer wg.Done()
 		for {
 			if err := c.serveRequest(exp, j); err != nil {
-				// A reply could not be sent: the connection is broken,
-				// and closing it ends the reader too.
-				klog.V(2).InfoS("nbd reply failed", "err", err)
+				// A reply could not be sent, or the kernel gave up on
+				// the connection: it is over, and closing it ends the
+				// reader too.
+				klog.V(2).InfoS("nbd: connection ends", "err", err)
 				c.shutdown()
 			}
 			idleMu.Lock()
@@ -769,6 +772,11 @@ func (c *conn) serveRequest(exp *export, j job) (err error) {
 func (c *conn) handle(exp *export, j job) error {
 	req, payload := j.req, j.payload
 	defer c.putBuf(payload)
+	if c.isStopped() {
+		// Shut down (cancelled, removed, broken) with this request still
+		// queued: no reply can reach the client, so it is not run.
+		return nil
+	}
 	if err := exp.failed(); err != nil {
 		return c.fail(req, errIO, err.Error())
 	}
