@@ -75,7 +75,8 @@ type AttachOptions struct {
 	Timeout time.Duration
 	// DeadConnTimeout is how long the kernel holds I/O while every
 	// connection is dead, waiting for a RECONFIGURE (default 120s). It is
-	// what lets a restarted server take over without I/O errors.
+	// what lets a restarted server take over without I/O errors. Whole
+	// seconds, rounded up.
 	DeadConnTimeout time.Duration
 }
 
@@ -226,7 +227,7 @@ func (k *Kernel) Connect(ctx context.Context, srv *Server, opts AttachOptions) (
 		ae.Uint64(nlAttrBlockSizeBytes, 4096)
 		ae.Uint64(nlAttrServerFlags, uint64(exp.transmissionFlags()))
 		ae.Uint64(nlAttrTimeout, uint64((opts.Timeout+time.Second-1)/time.Second))
-		ae.Uint64(nlAttrDeadConnTimeout, uint64(opts.DeadConnTimeout/time.Second))
+		ae.Uint64(nlAttrDeadConnTimeout, uint64((opts.DeadConnTimeout+time.Second-1)/time.Second))
 		ae.String(nlAttrBackendIdentifier, opts.BackendID)
 		ae.Nested(nlAttrSockets, func(nae *netlink.AttributeEncoder) error {
 			for _, p := range pairs {
