@@ -19,12 +19,13 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	socket := fs.String("socket", "", "serve on a unix socket at `PATH` (mode 0600)")
-	listen := fs.String("listen", "", "serve on TCP `ADDR` (host:port; an empty host means 127.0.0.1)")
+	listen := fs.String("listen", "", "serve on TCP `ADDR` (host:port; an empty host means 127.0.0.1; a non-loopback host needs --allow-remote)")
+	allowRemote := fs.Bool("allow-remote", false, "let --listen use a non-loopback address: anyone who can reach it can read and write the image")
 	readOnly := fs.Bool("read-only", false, "refuse writes")
 	export := fs.String("export", "", "export `NAME` (default: the image file's base name)")
 	direct := fs.Bool("direct", false, "open the image with O_DIRECT")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: ploopctl serve [--socket PATH | --listen ADDR] [--read-only] [--export NAME] [--direct] IMAGE|RAW|DIR")
+		fmt.Fprintln(stderr, "usage: ploopctl serve [--socket PATH | --listen ADDR [--allow-remote]] [--read-only] [--export NAME] [--direct] IMAGE|RAW|DIR")
 		fmt.Fprintln(stderr, "Serves the image over NBD until SIGINT or SIGTERM, then flushes and closes it.")
 		fmt.Fprintln(stderr, "The first line of stdout is the NBD URI, printed once the server accepts connections.")
 		fmt.Fprintln(stderr, "A stack DIR is served whole; while it is served, `ploopctl snapshot`, `snapshot-delete`, `grow`")
@@ -41,6 +42,14 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "ploopctl serve: need one IMAGE and exactly one of --socket or --listen")
 		fs.Usage()
 		return exitUsage
+	}
+	var addr string
+	if *listen != "" {
+		var err error
+		if addr, err = listenAddr(*listen, *allowRemote); err != nil {
+			fmt.Fprintf(stderr, "ploopctl serve: %v\n", err)
+			return exitUsage
+		}
 	}
 	path := fs.Arg(0)
 	name := *export
@@ -69,12 +78,11 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		l, err = nbd.ListenUnix(*socket)
 		uri = "nbd+unix:///" + name + "?socket=" + *socket
 	} else {
-		var addr string
-		if addr, err = loopbackDefault(*listen); err == nil {
-			l, err = net.Listen("tcp", addr)
-		}
-		if err == nil {
+		if l, err = net.Listen("tcp", addr); err == nil {
 			uri = "nbd://" + l.Addr().String() + "/" + name
+			if !isLoopback(addr) {
+				fmt.Fprintf(stderr, "ploopctl serve: WARNING: NBD has no authentication or encryption: anyone who can reach %s can read and write %s\n", l.Addr(), path)
+			}
 		}
 	}
 	if err != nil {
@@ -96,6 +104,34 @@ func runServe(args []string, stdout, stderr io.Writer) int {
 		return exitFail
 	}
 	return exitOK
+}
+
+// listenAddr is the TCP address --listen serves on. NBD has no
+// authentication, so a host that is not loopback is refused unless
+// allowRemote.
+func listenAddr(listen string, allowRemote bool) (string, error) {
+	addr, err := loopbackDefault(listen)
+	if err != nil {
+		return "", err
+	}
+	if !allowRemote && !isLoopback(addr) {
+		return "", fmt.Errorf("--listen %q: not a loopback address; NBD has no authentication, so serving beyond this host needs --allow-remote", listen)
+	}
+	return addr, nil
+}
+
+// isLoopback reports whether addr's host is "localhost" or a loopback
+// IP. Other names are not resolved: what they point to can change.
+func isLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // loopbackDefault fills in 127.0.0.1 when addr has no host, so that a

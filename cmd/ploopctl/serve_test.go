@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -222,5 +223,67 @@ func TestLoopbackDefault(t *testing.T) {
 	}
 	if _, err := loopbackDefault("nonsense"); err == nil {
 		t.Error("loopbackDefault accepted an address without a port")
+	}
+}
+
+func TestListenAddr(t *testing.T) {
+	tests := []struct {
+		listen      string
+		allowRemote bool
+		want        string // "" = refused
+	}{
+		{":10809", false, "127.0.0.1:10809"},
+		{"127.0.0.1:1", false, "127.0.0.1:1"},
+		{"127.8.9.10:1", false, "127.8.9.10:1"},
+		{"[::1]:1", false, "[::1]:1"},
+		{"localhost:1", false, "localhost:1"},
+		{"0.0.0.0:1", false, ""},
+		{"[::]:1", false, ""},
+		{"192.0.2.7:1", false, ""},
+		{"nbd.example.com:1", false, ""},
+		{"0.0.0.0:1", true, "0.0.0.0:1"},
+		{"192.0.2.7:1", true, "192.0.2.7:1"},
+		{"nonsense", true, ""},
+	}
+	for _, tc := range tests {
+		got, err := listenAddr(tc.listen, tc.allowRemote)
+		if (err != nil) != (tc.want == "") || got != tc.want {
+			t.Errorf("listenAddr(%q, %v) = %q, %v; want %q", tc.listen, tc.allowRemote, got, err, tc.want)
+		}
+	}
+}
+
+// TestServeRemoteListen: a non-loopback --listen is refused before
+// anything is opened, unless --allow-remote, which warns.
+func TestServeRemoteListen(t *testing.T) {
+	serveNeed(t, "nbdinfo")
+	raw := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(raw, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb bytes.Buffer
+	if code := run([]string{"serve", "--listen", "0.0.0.0:0", raw}, &out, &errb); code != exitUsage {
+		t.Fatalf("serve --listen 0.0.0.0:0: exit %d, want %d (usage); stderr: %s", code, exitUsage, errb.String())
+	}
+	if !strings.Contains(errb.String(), "--allow-remote") || out.Len() != 0 {
+		t.Errorf("refusal does not point to --allow-remote, or served anyway:\nstdout: %s\nstderr: %s", out.String(), errb.String())
+	}
+
+	var stderr bytes.Buffer
+	cmd, stdout, uri := startServeCmd(t, &stderr, "--listen", "0.0.0.0:0", "--allow-remote", "--read-only", raw)
+	// Go reports a listener on 0.0.0.0 as [::] where IPv6 is enabled.
+	hostPort, ok := strings.CutSuffix(strings.TrimPrefix(uri, "nbd://"), "/disk.raw")
+	host, port, err := net.SplitHostPort(hostPort)
+	if !ok || err != nil || !net.ParseIP(host).IsUnspecified() {
+		t.Fatalf("URI %q, want one on the unspecified address", uri)
+	}
+	serveRun(t, "nbdinfo", "--size", "nbd://127.0.0.1:"+port)
+	cmd.Process.Signal(syscall.SIGTERM)
+	go io.Copy(io.Discard, stdout)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("serve: %v; stderr: %s", err, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "WARNING: NBD has no authentication") {
+		t.Errorf("no warning about the missing authentication; stderr: %s", stderr.String())
 	}
 }

@@ -11,11 +11,58 @@
 // it has completed, so a FLUSH on any connection covers writes acknowledged
 // on all of them (CAN_MULTI_CONN).
 //
+// One Server serves many exports (one per volume in the node plugin),
+// added and removed while it runs (Add, Remove). A panic while serving an
+// export, in its Backend or in this package, fails that request with EIO
+// and the export from then on (ErrExportFailed, Server.Failed,
+// Export.OnFailure); the stack is logged, and the other exports and the
+// process carry on. ServerOptions bound what clients of Serve can make it
+// hold: a handshake deadline, a connection cap and a per-connection cap
+// on buffered payload bytes.
+//
 // The kernel half (kernel.go) connects sockets to /dev/nbdN with CONNECT,
 // grows devices with RECONFIGURE, and re-attaches a device after the
 // serving process restarted: the device is found by its backend
 // identifier, and fresh sockets replace the ones the kernel reports dead
 // while DEAD_CONN_TIMEOUT holds the I/O.
+//
+// # Slow requests and the kernel's timeout
+//
+// The kernel's nbd driver (drivers/block/nbd.c, nbd_xmit_timeout; read in
+// Debian's 6.1.192 and measured in the test VM, kernel_timeout_vm_test.go)
+// handles a request that outlives its timeout in one of two ways:
+//
+//   - more than one connection, or a timeout set (NBD_ATTR_TIMEOUT > 0):
+//     it shuts the request's connection down ("Connection timed out,
+//     retrying", LINK_DEAD) and resends the request on another connection,
+//     or, when none is left, on the next one RECONFIGURE installs. With
+//     timeout 0 this happens after the block layer's own request timeout,
+//     30 s. Measured, a write held 5 s with a 1 s timeout: sent twice with
+//     two connections (timeout 0 or 1 s) and with one connection and a 1 s
+//     timeout; the kernel never failed it.
+//   - one connection and timeout 0: it only logs "Possible stuck request"
+//     and re-arms the timer, every 30 s, for as long as the request takes
+//     (measured: a write held 40 s was sent once and succeeded). The
+//     request is resent only if its connection was replaced meanwhile,
+//     which is what a restarted server needs (measured: a write in flight
+//     when the server was SIGKILLed completed 31 s after the kill, once a
+//     new process had re-attached).
+//
+// Either way a timeout does not fail the request; what fails requests is
+// DEAD_CONN_TIMEOUT running out while no connection is alive.
+//
+// A resent request may still be running here, and its first copy could
+// land after a newer write to the same block. Two things prevent that:
+//
+//   - AttachOptions defaults to one connection and no timeout, the only
+//     configuration in which the kernel neither resends nor fails a slow
+//     request, while a restart still completes requests in flight;
+//   - for any other configuration, the server orders the writes of an
+//     export by arrival across its connections (writeOrder), so a resent
+//     copy waits for the first, and drops a write from a kernel
+//     connection that the kernel has already shut down instead of running
+//     it (measured with two connections and a 1 s timeout: the resent
+//     copy waited, and the block ended with the newer data).
 //
 // The package knows nothing about image formats: ploop images and raw files
 // both satisfy Backend.

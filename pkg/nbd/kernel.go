@@ -58,17 +58,25 @@ type AttachOptions struct {
 	BackendID string
 	// Export selects the server's export; "" is the default export.
 	Export string
-	// Connections is the number of sockets (default 4).
+	// Connections is the number of sockets (default 1). With more than
+	// one, the kernel resends a request that has run for 30 s (or
+	// Timeout) on another connection; see the package documentation.
 	Connections int
 	// Index asks for /dev/nbd<Index>; negative (AnyDevice) takes any free
 	// device. The zero value means nbd0, so callers usually set AnyDevice.
 	Index int
-	// Timeout is the per-request timeout after which the kernel retries a
-	// request on another connection (default 30s).
+	// Timeout is the kernel's per-request timeout, in whole seconds
+	// (rounded up). Zero, the default, sets none: with one connection the
+	// kernel then waits for a slow request for as long as it takes,
+	// logging "Possible stuck request" every 30 s. With a timeout, the
+	// kernel shuts the connection down when it expires and resends the
+	// request on another one (after a RECONFIGURE when there is no
+	// other); see the package documentation.
 	Timeout time.Duration
 	// DeadConnTimeout is how long the kernel holds I/O while every
 	// connection is dead, waiting for a RECONFIGURE (default 120s). It is
-	// what lets a restarted server take over without I/O errors.
+	// what lets a restarted server take over without I/O errors. Whole
+	// seconds, rounded up.
 	DeadConnTimeout time.Duration
 }
 
@@ -83,13 +91,13 @@ func (o *AttachOptions) defaults() error {
 		return fmt.Errorf("nbd: invalid backend identifier %q", o.BackendID)
 	}
 	if o.Connections <= 0 {
-		o.Connections = 4
+		o.Connections = 1
 	}
 	if o.Connections > 64 {
 		return fmt.Errorf("nbd: %d connections is too many", o.Connections)
 	}
-	if o.Timeout <= 0 {
-		o.Timeout = 30 * time.Second
+	if o.Timeout < 0 {
+		return fmt.Errorf("nbd: negative timeout %v", o.Timeout)
 	}
 	if o.DeadConnTimeout <= 0 {
 		o.DeadConnTimeout = 120 * time.Second
@@ -203,7 +211,7 @@ func (k *Kernel) Connect(ctx context.Context, srv *Server, opts AttachOptions) (
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("nbd: connect %s: %w", opts.BackendID, err)
 	}
-	exp := srv.export(opts.Export)
+	exp := srv.lookup(opts.Export)
 	if exp == nil {
 		return nil, fmt.Errorf("nbd: no export %q", opts.Export)
 	}
@@ -218,8 +226,8 @@ func (k *Kernel) Connect(ctx context.Context, srv *Server, opts AttachOptions) (
 		ae.Uint64(nlAttrSizeBytes, uint64(exp.Backend.Size()))
 		ae.Uint64(nlAttrBlockSizeBytes, 4096)
 		ae.Uint64(nlAttrServerFlags, uint64(exp.transmissionFlags()))
-		ae.Uint64(nlAttrTimeout, uint64(opts.Timeout/time.Second))
-		ae.Uint64(nlAttrDeadConnTimeout, uint64(opts.DeadConnTimeout/time.Second))
+		ae.Uint64(nlAttrTimeout, uint64((opts.Timeout+time.Second-1)/time.Second))
+		ae.Uint64(nlAttrDeadConnTimeout, uint64((opts.DeadConnTimeout+time.Second-1)/time.Second))
 		ae.String(nlAttrBackendIdentifier, opts.BackendID)
 		ae.Nested(nlAttrSockets, func(nae *netlink.AttributeEncoder) error {
 			for _, p := range pairs {
@@ -410,7 +418,7 @@ func (k *Kernel) Reattach(ctx context.Context, srv *Server, opts AttachOptions) 
 	if err := opts.defaults(); err != nil {
 		return nil, err
 	}
-	if srv.export(opts.Export) == nil {
+	if srv.lookup(opts.Export) == nil {
 		return nil, fmt.Errorf("nbd: no export %q", opts.Export)
 	}
 	index, err := FindBackend(opts.BackendID)

@@ -41,12 +41,16 @@ func TestMain(m *testing.M) {
 }
 
 func TestKernel(t *testing.T) {
-	vmtest.Run(t, vmtest.Options{Timeout: 12 * time.Minute}, []vmtest.Case{
+	vmtest.Run(t, vmtest.Options{Timeout: 20 * time.Minute}, []vmtest.Case{
 		{Name: "AttachMkfsMount", Run: testAttachMkfsMount},
 		{Name: "OnlineResize", Run: testOnlineResize},
 		{Name: "DisconnectIdempotent", Run: testDisconnectIdempotent},
 		{Name: "RestartSurvival", Run: testRestartSurvival},
 		{Name: "AckedWriteSurvivesKill", Run: testAckedWriteSurvivesKill},
+		{Name: "PanicIsolation", Run: testPanicIsolation},
+		{Name: "SlowRequest", Run: testSlowRequest},
+		{Name: "StaleWriteAfterResend", Run: testStaleWriteAfterResend},
+		{Name: "RestartWithDefaults", Run: testRestartWithDefaults},
 	})
 }
 
@@ -333,12 +337,18 @@ func testDisconnectIdempotent(t *testing.T) {
 type helper struct {
 	cmd *exec.Cmd
 	dev string
+	// lines are what it prints after "ready".
+	lines <-chan string
 }
 
-func startHelper(t *testing.T, image, id, mode string) *helper {
+// startHelper starts a serving process; env adds NBD_HELPER_DEFAULTS=1
+// (attach with the default options) or NBD_HELPER_HOLD=OFFSET (never
+// finish a write at OFFSET, printing "held" when one arrives).
+func startHelper(t *testing.T, image, id, mode string, env ...string) *helper {
 	t.Helper()
 	cmd := exec.Command(os.Args[0])
 	cmd.Env = append(os.Environ(), nbdHelperEnv+"="+mode, "NBD_HELPER_IMAGE="+image, "NBD_HELPER_ID="+id)
+	cmd.Env = append(cmd.Env, env...)
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -347,10 +357,16 @@ func startHelper(t *testing.T, image, id, mode string) *helper {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	lines := make(chan string, 1)
+	lines := make(chan string, 16)
 	go func() {
-		l, _ := bufio.NewReader(out).ReadString('\n')
-		lines <- l
+		defer close(lines)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			select {
+			case lines <- sc.Text():
+			default: // nobody listens
+			}
+		}
 		io.Copy(io.Discard, out)
 	}()
 	select {
@@ -361,7 +377,7 @@ func startHelper(t *testing.T, image, id, mode string) *helper {
 			cmd.Wait()
 			t.Fatalf("helper (%s) failed to start: %q", mode, l)
 		}
-		return &helper{cmd: cmd, dev: dev}
+		return &helper{cmd: cmd, dev: dev, lines: lines}
 	case <-time.After(90 * time.Second):
 		cmd.Process.Kill()
 		cmd.Wait()
@@ -393,7 +409,15 @@ func helperMain() int {
 		return fail(err)
 	}
 	defer img.Close()
-	srv, err := nbd.NewServer(nbd.Export{Name: id, Backend: img})
+	var backend nbd.Backend = img
+	if off := os.Getenv("NBD_HELPER_HOLD"); off != "" {
+		o, err := strconv.ParseInt(off, 10, 64)
+		if err != nil {
+			return fail(err)
+		}
+		backend = &stuckWrite{Backend: img, off: o}
+	}
+	srv, err := nbd.NewServer(nbd.Export{Name: id, Backend: backend})
 	if err != nil {
 		return fail(err)
 	}
@@ -407,6 +431,9 @@ func helperMain() int {
 		// A request in flight when the server died is retried after
 		// Timeout; short keeps the test fast.
 		Timeout: 5 * time.Second, DeadConnTimeout: 120 * time.Second,
+	}
+	if os.Getenv("NBD_HELPER_DEFAULTS") == "1" {
+		opts = nbd.AttachOptions{BackendID: id, Index: nbd.AnyDevice}
 	}
 	actx, cancel := context.WithTimeout(ctx, 60*time.Second)
 	defer cancel()
@@ -430,6 +457,98 @@ func helperMain() int {
 		return fail(err)
 	}
 	return 0
+}
+
+// stuckWrite never finishes a write at off: the process is killed with
+// the write in flight.
+type stuckWrite struct {
+	nbd.Backend
+	off int64
+}
+
+func (s *stuckWrite) WriteAt(p []byte, off int64) (int, error) {
+	if off == s.off {
+		fmt.Println("held")
+		select {}
+	}
+	return s.Backend.WriteAt(p, off)
+}
+
+// testRestartWithDefaults: with the default attach options (one
+// connection, no kernel timeout) a write in flight when the server is
+// killed still completes, without error, once a new server has
+// re-attached: the kernel resends it at its next 30 s block-layer tick
+// because the connection it was sent on was replaced.
+func testRestartWithDefaults(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "disk.hds")
+	img, err := ploop.Create(path, ploop.CreateOptions{Size: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	const id, off = "test-restart-defaults", 8 << 20
+	h := startHelper(t, path, id, "connect", "NBD_HELPER_DEFAULTS=1", "NBD_HELPER_HOLD="+strconv.Itoa(off))
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(h.dev, os.O_RDWR|unix.O_DIRECT, 0)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer f.Close()
+		buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer unix.Munmap(buf)
+		copy(buf, pattern(30, 4096))
+		_, err = f.WriteAt(buf, off)
+		done <- err
+	}()
+	select {
+	case l := <-h.lines:
+		if l != "held" {
+			t.Fatalf("helper said %q", l)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("the write never reached the server")
+	}
+	h.cmd.Process.Signal(syscall.SIGKILL)
+	h.cmd.Wait()
+	killed := time.Now()
+	h = startHelper(t, path, id, "reattach", "NBD_HELPER_DEFAULTS=1")
+	reattached := time.Since(killed)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("the write in flight at the kill failed: %v", err)
+		}
+	case <-time.After(3 * time.Minute):
+		t.Fatal("the write in flight at the kill never completed")
+	}
+	t.Logf("reattached %v after the kill; the write in flight completed %v after the kill", reattached.Round(time.Millisecond), time.Since(killed).Round(time.Millisecond))
+	f, err := os.OpenFile(h.dev, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf, err := unix.Mmap(-1, 0, 4096, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_ANON|unix.MAP_PRIVATE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Munmap(buf)
+	_, err = f.ReadAt(buf, off)
+	f.Close()
+	if err != nil || !bytes.Equal(buf, pattern(30, 4096)) {
+		t.Fatalf("read back: %v, data equal %v", err, bytes.Equal(buf, pattern(30, 4096)))
+	}
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	if err := h.cmd.Wait(); err != nil {
+		t.Fatalf("helper did not shut down cleanly: %v", err)
+	}
 }
 
 func testRestartSurvival(t *testing.T) {

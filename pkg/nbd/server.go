@@ -9,95 +9,126 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 )
 
-// Export is one named block device a Server offers.
-type Export struct {
-	Name        string
-	Description string
-	Backend     Backend
-	// ReadOnly refuses writes even when the backend accepts them.
-	ReadOnly bool
+// ServerOptions bound what clients can make a Server hold. The zero value
+// means the defaults, which are safe for a server reachable by untrusted
+// local clients.
+type ServerOptions struct {
+	// HandshakeTimeout bounds negotiation on connections served by
+	// ServeConn (and so Serve): a client that has not chosen an export by
+	// then is dropped. Default DefaultHandshakeTimeout; negative: no limit.
+	HandshakeTimeout time.Duration
+	// MaxConns bounds the connections Serve serves at once. Further ones
+	// are refused: every option they send is answered with an error
+	// (NBD_REP_ERR_POLICY, "too many connections") and they are closed.
+	// Connections handed to ServeConn or ServeTransmission by the caller
+	// (the kernel's) do not count. Default DefaultMaxConns; negative: no
+	// limit.
+	MaxConns int
+	// MaxConnMemory bounds the request payload bytes one connection holds
+	// in buffers: write data read ahead and read data waiting to be sent.
+	// At the limit the connection stops reading requests until replies
+	// have gone out. A request larger than the limit still runs, once it
+	// is the only one holding memory. Reads spliced from the page cache
+	// (FileReader) hold pipes, not buffers. Default DefaultMaxConnMemory;
+	// negative: no limit.
+	MaxConnMemory int64
 }
 
-func (e *Export) readOnly() bool { return e.ReadOnly || e.Backend.ReadOnly() }
+// Defaults of ServerOptions.
+const (
+	DefaultHandshakeTimeout = 10 * time.Second
+	DefaultMaxConns         = 16
+	// DefaultMaxConnMemory leaves room for two maximal requests, or
+	// dozens of the 1-2 MiB ones the kernel and qemu send.
+	DefaultMaxConnMemory = 64 << 20
+)
 
-// transmissionFlags are the flags announced for the export; the kernel
-// needs the same value in CONNECT's server flags.
-func (e *Export) transmissionFlags() uint16 {
-	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagCanMultiConn)
-	if e.readOnly() {
-		return f | tflagReadOnly
+func (o ServerOptions) withDefaults() ServerOptions {
+	if o.HandshakeTimeout == 0 {
+		o.HandshakeTimeout = DefaultHandshakeTimeout
 	}
-	return f | tflagSendTrim | tflagSendWriteZeroes | tflagSendFastZero
+	if o.MaxConns == 0 {
+		o.MaxConns = DefaultMaxConns
+	}
+	if o.MaxConnMemory == 0 {
+		o.MaxConnMemory = DefaultMaxConnMemory
+	}
+	return o
 }
 
-// Server serves a fixed set of exports. The first export is the default,
-// chosen by clients that ask for the empty name. A Server holds no
-// per-connection state and may serve any number of connections at once.
+// Server serves a changing set of exports (Add, Remove), each to any
+// number of connections at once. A panic while serving an export fails
+// that export only (ErrExportFailed); the others, and the process, carry
+// on.
 type Server struct {
-	exports []*Export
+	opts ServerOptions
 	// maxInFlight bounds the requests one connection runs concurrently.
 	maxInFlight int
 	bufs        bufPool
 	// zeros is never written: it is the source of zero bytes for spliced
 	// simple replies.
 	zeros []byte
+
+	mu       sync.RWMutex
+	exports  map[string]*export
+	order    []*export // the order of Add; the first is the default
+	draining map[string]*export
 }
 
-// NewServer checks the exports and returns a server for them.
+// New returns a server without exports; Add them.
+func New(opts ServerOptions) *Server {
+	return &Server{
+		opts:        opts.withDefaults(),
+		maxInFlight: 64,
+		zeros:       make([]byte, 64<<10),
+		exports:     map[string]*export{},
+		draining:    map[string]*export{},
+	}
+}
+
+// NewServer returns a server with the default options for at least one
+// export; the first is the default export.
 func NewServer(exports ...Export) (*Server, error) {
 	if len(exports) == 0 {
 		return nil, errors.New("nbd: no exports")
 	}
-	s := &Server{maxInFlight: 64, zeros: make([]byte, 64<<10)}
-	seen := map[string]bool{}
-	for i := range exports {
-		e := exports[i]
-		if e.Backend == nil {
-			return nil, fmt.Errorf("nbd: export %q has no backend", e.Name)
+	s := New(ServerOptions{})
+	for _, e := range exports {
+		if err := s.Add(e); err != nil {
+			return nil, err
 		}
-		if len(e.Name) > maxNameLen || len(e.Description) > maxNameLen {
-			return nil, fmt.Errorf("nbd: export %q: name or description longer than %d bytes", e.Name, maxNameLen)
-		}
-		if seen[e.Name] {
-			return nil, fmt.Errorf("nbd: export %q listed twice", e.Name)
-		}
-		seen[e.Name] = true
-		s.exports = append(s.exports, &e)
 	}
 	return s, nil
-}
-
-func (s *Server) export(name string) *Export {
-	if name == "" {
-		return s.exports[0]
-	}
-	for _, e := range s.exports {
-		if e.Name == name {
-			return e
-		}
-	}
-	return nil
 }
 
 // Serve accepts connections until ctx is cancelled or the listener fails,
 // then closes the listener and every connection and waits for their
 // requests to finish. It returns nil after cancellation.
 func (s *Server) Serve(ctx context.Context, l net.Listener) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	go func() {
-		<-ctx.Done()
-		l.Close()
-	}()
+	// Cancelled before the wait, also when Accept fails: that ends the
+	// connections, and closes the listener.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	context.AfterFunc(ctx, func() { l.Close() })
+	// slots holds one token per connection served; refusals bounds the
+	// connections being refused, beyond which they are just closed.
+	var slots, refusals chan struct{}
+	if s.opts.MaxConns > 0 {
+		slots = make(chan struct{}, s.opts.MaxConns)
+		refusals = make(chan struct{}, s.opts.MaxConns)
+	}
 	for {
 		nc, err := l.Accept()
 		if err != nil {
@@ -106,50 +137,113 @@ func (s *Server) Serve(ctx context.Context, l net.Listener) error {
 			}
 			return fmt.Errorf("nbd: accept: %w", err)
 		}
+		if slots != nil {
+			select {
+			case slots <- struct{}{}:
+			default:
+				select {
+				case refusals <- struct{}{}:
+					wg.Add(1)
+					go func() {
+						defer wg.Done()
+						s.refuse(ctx, nc)
+						<-refusals
+					}()
+				default:
+					nc.Close()
+				}
+				continue
+			}
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			if err := s.ServeConn(ctx, nc); err != nil {
 				klog.V(2).InfoS("nbd connection ended", "remote", nc.RemoteAddr(), "err", err)
 			}
+			if slots != nil {
+				<-slots
+			}
 		}()
 	}
 }
 
-// ServeConn negotiates with a client (fixed-newstyle handshake) and then
-// serves its requests until it disconnects, ctx is cancelled or it sends
-// something malformed. The connection is closed on return. A clean
-// disconnect, by NBD_CMD_DISC, OPT_ABORT or end of stream between
-// messages, returns nil.
-func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
-	defer nc.Close()
-	stop := closeOnDone(ctx, nc)
+// refuse answers a connection beyond MaxConns: it negotiates just far
+// enough to tell the client why, answering every option with
+// NBD_REP_ERR_POLICY, and closes it.
+func (s *Server) refuse(ctx context.Context, nc net.Conn) {
+	c := &conn{srv: s, nc: nc, r: bufio.NewReaderSize(nc, 512), stopped: make(chan struct{})}
+	defer c.shutdown()
+	stop := context.AfterFunc(ctx, c.shutdown)
 	defer stop()
+	limit := DefaultHandshakeTimeout
+	if t := s.opts.HandshakeTimeout; t > 0 {
+		limit = min(limit, t)
+	}
+	defer c.handshakeDeadline(limit)()
+	if _, err := c.greet(); err != nil {
+		return
+	}
+	msg := []byte(fmt.Sprintf("too many connections (this server serves at most %d)", s.opts.MaxConns))
+	for {
+		opt, _, err := c.readOption(false)
+		if err != nil {
+			return
+		}
+		switch opt {
+		case optAbort:
+			_ = c.optReply(opt, repAck, nil)
+			return
+		case optExportName:
+			return // no error reply exists for this option
+		}
+		if c.optReply(opt, repErrPolicy, msg) != nil {
+			return
+		}
+	}
+}
+
+// ServeConn negotiates with a client (fixed-newstyle handshake) and then
+// serves its requests until it disconnects, ctx is cancelled, the export
+// is removed or it sends something malformed. The connection is closed
+// on return. A clean disconnect, by NBD_CMD_DISC, OPT_ABORT or end of
+// stream between messages, returns nil.
+func (s *Server) ServeConn(ctx context.Context, nc net.Conn) (err error) {
 	c := s.newConn(nc)
+	defer c.close()
+	stop := context.AfterFunc(ctx, c.shutdown)
+	defer stop()
+	defer c.recoverPanic(&err)
+	clearDeadline := c.handshakeDeadline(s.opts.HandshakeTimeout)
 	exp, err := c.negotiate()
+	if closed := clearDeadline(); closed || errors.Is(err, os.ErrDeadlineExceeded) {
+		return fmt.Errorf("nbd: handshake not finished within %v: %w", s.opts.HandshakeTimeout, os.ErrDeadlineExceeded)
+	}
 	if err != nil || exp == nil {
 		return err
 	}
-	return c.transmit(ctx, exp)
+	return c.transmit(exp)
 }
 
 // ServeTransmission serves an already-negotiated connection, as the
 // kernel expects of the sockets it is given: no handshake, simple replies
 // only. name selects the export ("" for the default).
-func (s *Server) ServeTransmission(ctx context.Context, nc net.Conn, name string) error {
-	defer nc.Close()
-	exp := s.export(name)
-	if exp == nil {
+//
+// The peer is taken to be the kernel, which resends a request that timed
+// out on another connection after shutting this one down: a write read
+// after that shutdown is dropped, not run (see writeOrder).
+func (s *Server) ServeTransmission(ctx context.Context, nc net.Conn, name string) (err error) {
+	c := s.newConn(nc)
+	c.resends = true
+	defer c.close()
+	exp := s.lookup(name)
+	if exp == nil || !c.use(exp) {
 		return fmt.Errorf("nbd: no export %q", name)
 	}
-	stop := closeOnDone(ctx, nc)
+	stop := context.AfterFunc(ctx, c.shutdown)
 	defer stop()
-	return s.newConn(nc).transmit(ctx, exp)
-}
-
-// closeOnDone closes nc when ctx ends, which unblocks its reader.
-func closeOnDone(ctx context.Context, nc net.Conn) (stop func() bool) {
-	return context.AfterFunc(ctx, func() { nc.Close() })
+	defer c.recoverPanic(&err)
+	return c.transmit(exp)
 }
 
 // conn is the state of one client connection.
@@ -159,6 +253,19 @@ type conn struct {
 	r          *bufio.Reader
 	structured bool
 	metaAlloc  bool
+	// exp is the export the connection holds (negotiating with it or
+	// serving it); set only by the connection's own goroutine, before any
+	// worker starts.
+	exp *export
+	// resends: the peer (the kernel) may resend a request on another
+	// connection once it has given up on this one.
+	resends bool
+	mem     byteBudget
+
+	// stopped is closed by shutdown: whatever waits on behalf of the
+	// connection gives up.
+	stopped  chan struct{}
+	stopOnce sync.Once
 
 	// Replies: wmu guards the queue and whether someone is writing it.
 	wmu        sync.Mutex
@@ -178,7 +285,10 @@ type conn struct {
 }
 
 func (s *Server) newConn(nc net.Conn) *conn {
-	c := &conn{srv: s, nc: nc, r: bufio.NewReaderSize(nc, 64<<10)}
+	c := &conn{srv: s, nc: nc, r: bufio.NewReaderSize(nc, 64<<10), stopped: make(chan struct{})}
+	if s.opts.MaxConnMemory > 0 {
+		c.mem.max = s.opts.MaxConnMemory
+	}
 	c.pipes.disabled = true
 	if sc, ok := nc.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
@@ -188,51 +298,151 @@ func (s *Server) newConn(nc net.Conn) *conn {
 	return c
 }
 
-// negotiate runs the handshake. It returns the export to serve, or nil
-// and nil when the client ended negotiation cleanly.
-func (c *conn) negotiate() (*Export, error) {
+// shutdown closes the connection, which ends its reader, and makes
+// everything waiting on its behalf give up. Any goroutine may call it,
+// any number of times.
+func (c *conn) shutdown() {
+	c.stopOnce.Do(func() {
+		close(c.stopped)
+		c.nc.Close()
+	})
+}
+
+// close ends the connection for good, once its requests have finished.
+func (c *conn) close() {
+	c.shutdown()
+	if c.exp != nil {
+		c.exp.release(c)
+	}
+}
+
+// use makes exp the export the connection holds. It fails when exp has
+// been removed.
+func (c *conn) use(exp *export) bool {
+	if c.exp == exp {
+		return true
+	}
+	if c.exp != nil {
+		c.exp.release(c)
+		c.exp = nil
+	}
+	if !exp.acquire(c) {
+		return false
+	}
+	c.exp = exp
+	return true
+}
+
+// recoverPanic turns a panic in the connection's own goroutine into the
+// failure of the export it holds.
+func (c *conn) recoverPanic(err *error) {
+	r := recover()
+	if r == nil {
+		return
+	}
+	stack := debug.Stack()
+	if c.exp != nil {
+		*err = c.exp.fail(r, stack)
+		return
+	}
+	klog.ErrorS(nil, "nbd: panic while negotiating", "panic", fmt.Sprint(r), "stack", string(stack))
+	*err = fmt.Errorf("nbd: panic while negotiating: %v", r)
+}
+
+// handshakeDeadline limits the handshake to d (no limit when d <= 0). The
+// returned function lifts the limit; it reports true when the limit was
+// enforced by closing the connection. Otherwise an expired limit shows
+// as an error wrapping os.ErrDeadlineExceeded from the handshake's I/O.
+func (c *conn) handshakeDeadline(d time.Duration) (clear func() (closed bool)) {
+	if d <= 0 {
+		return func() bool { return false }
+	}
+	if err := c.nc.SetDeadline(time.Now().Add(d)); err == nil {
+		return func() bool {
+			_ = c.nc.SetDeadline(time.Time{})
+			return false
+		}
+	}
+	// A connection without deadlines is closed instead.
+	t := time.AfterFunc(d, c.shutdown)
+	return func() bool { return !t.Stop() }
+}
+
+// greet sends the server's greeting and reads the client's flags.
+func (c *conn) greet() (noZeroes bool, err error) {
 	var hello [18]byte
 	binary.BigEndian.PutUint64(hello[0:], nbdMagic)
 	binary.BigEndian.PutUint64(hello[8:], optMagic)
 	binary.BigEndian.PutUint16(hello[16:], flagFixedNewstyle|flagNoZeroes)
 	if _, err := c.nc.Write(hello[:]); err != nil {
-		return nil, fmt.Errorf("nbd: send greeting: %w", err)
+		return false, fmt.Errorf("nbd: send greeting: %w", err)
 	}
 	var cf [4]byte
 	if _, err := io.ReadFull(c.r, cf[:]); err != nil {
-		return nil, fmt.Errorf("nbd: read client flags: %w", err)
+		return false, fmt.Errorf("nbd: read client flags: %w", err)
 	}
 	clientFlags := binary.BigEndian.Uint32(cf[:])
 	if clientFlags&^(flagFixedNewstyle|flagNoZeroes) != 0 {
-		return nil, fmt.Errorf("nbd: unknown client flags %#x: %w", clientFlags, errMalformed)
+		return false, fmt.Errorf("nbd: unknown client flags %#x: %w", clientFlags, errMalformed)
 	}
-	noZeroes := clientFlags&flagNoZeroes != 0
+	return clientFlags&flagNoZeroes != 0, nil
+}
+
+// errTooBig is an option whose data was skipped because it is too long.
+var errTooBig = errors.New("option data too long")
+
+// readOption reads one option. Data longer than maxOptionLen is skipped
+// and reported as errTooBig, after which the connection can go on. At a
+// clean end of stream it returns io.EOF.
+func (c *conn) readOption(skipLong bool) (opt uint32, data []byte, err error) {
+	var h [16]byte
+	if _, err := io.ReadFull(c.r, h[:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			return 0, nil, io.EOF
+		}
+		return 0, nil, fmt.Errorf("nbd: read option: %w", err)
+	}
+	if m := binary.BigEndian.Uint64(h[0:]); m != optMagic {
+		return 0, nil, fmt.Errorf("nbd: option magic %#x: %w", m, errMalformed)
+	}
+	opt = binary.BigEndian.Uint32(h[8:])
+	n := binary.BigEndian.Uint32(h[12:])
+	if n > maxOptionLen {
+		if !skipLong {
+			return opt, nil, fmt.Errorf("nbd: option of %d bytes: %w", n, errMalformed)
+		}
+		if _, err := io.CopyN(io.Discard, c.r, int64(n)); err != nil {
+			return opt, nil, fmt.Errorf("nbd: skip option data: %w", err)
+		}
+		return opt, nil, errTooBig
+	}
+	data = make([]byte, n)
+	if _, err := io.ReadFull(c.r, data); err != nil {
+		return opt, nil, fmt.Errorf("nbd: read option data: %w", err)
+	}
+	return opt, data, nil
+}
+
+// negotiate runs the handshake. It returns the export to serve, or nil
+// and nil when the client ended negotiation cleanly.
+func (c *conn) negotiate() (*export, error) {
+	noZeroes, err := c.greet()
+	if err != nil {
+		return nil, err
+	}
 	for {
-		var h [16]byte
-		if _, err := io.ReadFull(c.r, h[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil, nil
-			}
-			return nil, fmt.Errorf("nbd: read option: %w", err)
-		}
-		if m := binary.BigEndian.Uint64(h[0:]); m != optMagic {
-			return nil, fmt.Errorf("nbd: option magic %#x: %w", m, errMalformed)
-		}
-		opt := binary.BigEndian.Uint32(h[8:])
-		n := binary.BigEndian.Uint32(h[12:])
-		if n > maxOptionLen {
-			// The data can be skipped, so the connection survives.
-			if _, err := io.CopyN(io.Discard, c.r, int64(n)); err != nil {
-				return nil, fmt.Errorf("nbd: skip option data: %w", err)
-			}
-			if err := c.optReply(opt, repErrTooBig, []byte("option data too long")); err != nil {
+		opt, data, err := c.readOption(true)
+		switch {
+		case errors.Is(err, errTooBig):
+			// The data was skipped, so the connection survives.
+			if err := c.optReply(opt, repErrTooBig, []byte(errTooBig.Error())); err != nil {
 				return nil, err
 			}
 			continue
-		}
-		data := make([]byte, n)
-		if _, err := io.ReadFull(c.r, data); err != nil {
-			return nil, fmt.Errorf("nbd: read option data: %w", err)
+		case errors.Is(err, io.EOF):
+			return nil, nil
+		case err != nil:
+			return nil, err
 		}
 		exp, done, err := c.option(opt, data, noZeroes)
 		if err != nil || done {
@@ -243,11 +453,11 @@ func (c *conn) negotiate() (*Export, error) {
 
 // option handles one option. done means negotiation is over: exp is the
 // export to serve, or nil when the client aborted.
-func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *Export, done bool, err error) {
+func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *export, done bool, err error) {
 	switch opt {
 	case optExportName:
-		exp := c.srv.export(string(data))
-		if exp == nil {
+		exp := c.srv.lookup(string(data))
+		if exp == nil || !c.use(exp) {
 			// This option has no error reply: closing is the answer.
 			return nil, true, fmt.Errorf("nbd: client asked for unknown export %q", data)
 		}
@@ -271,7 +481,7 @@ func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *Export, done
 		if len(data) != 0 {
 			return nil, false, c.optReply(opt, repErrInvalid, []byte("LIST takes no data"))
 		}
-		for _, e := range c.srv.exports {
+		for _, e := range c.srv.exportList() {
 			b := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
 			b = append(b, e.Name...)
 			b = append(b, e.Description...)
@@ -286,8 +496,8 @@ func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *Export, done
 		if perr != nil {
 			return nil, false, c.optReply(opt, repErrInvalid, []byte(perr.Error()))
 		}
-		exp := c.srv.export(req.name)
-		if exp == nil {
+		exp := c.srv.lookup(req.name)
+		if exp == nil || !c.use(exp) {
 			return nil, false, c.optReply(opt, repErrUnknown, []byte("no such export"))
 		}
 		if err := c.sendInfo(opt, exp, req.infos); err != nil {
@@ -313,7 +523,7 @@ func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *Export, done
 		if perr != nil {
 			return nil, false, c.optReply(opt, repErrInvalid, []byte(perr.Error()))
 		}
-		if c.srv.export(req.name) == nil {
+		if c.srv.lookup(req.name) == nil {
 			return nil, false, c.optReply(opt, repErrUnknown, []byte("no such export"))
 		}
 		match := false
@@ -344,7 +554,7 @@ func (c *conn) option(opt uint32, data []byte, noZeroes bool) (exp *Export, done
 
 // sendInfo sends NBD_INFO_EXPORT, which is always due, BLOCK_SIZE, which
 // we always volunteer, and NAME/DESCRIPTION when asked.
-func (c *conn) sendInfo(opt uint32, exp *Export, infos []uint16) error {
+func (c *conn) sendInfo(opt uint32, exp *export, infos []uint16) error {
 	b := binary.BigEndian.AppendUint16(nil, infoExport)
 	b = binary.BigEndian.AppendUint64(b, uint64(exp.Backend.Size()))
 	b = binary.BigEndian.AppendUint16(b, exp.transmissionFlags())
@@ -388,15 +598,20 @@ func (c *conn) optReply(opt, typ uint32, data []byte) error {
 	return nil
 }
 
+// job is one request handed from the reader to a worker.
+type job struct {
+	req     request
+	payload []byte
+	// w orders the request among the export's writes; nil for others.
+	w *pendingWrite
+}
+
 // transmit reads requests and hands them to a pool of workers (at most
 // maxInFlight run at once); replies go out in completion order. Write
-// payloads are read here, in order, before the next header. Workers live
-// as long as the connection, so their grown stacks are reused.
-func (c *conn) transmit(ctx context.Context, exp *Export) error {
-	type job struct {
-		req     request
-		payload []byte
-	}
+// payloads are read here, in order, before the next header, within the
+// connection's memory budget. Workers live as long as the connection, so
+// their grown stacks are reused.
+func (c *conn) transmit(exp *export) error {
 	jobs := make(chan job)
 	var wg sync.WaitGroup
 	defer func() {
@@ -409,11 +624,12 @@ func (c *conn) transmit(ctx context.Context, exp *Export) error {
 	worker := func(j job) {
 		defer wg.Done()
 		for {
-			if err := c.handle(exp, j.req, j.payload); err != nil {
-				// A reply could not be sent: the connection is broken,
-				// and closing it ends the reader too.
-				klog.V(2).InfoS("nbd reply failed", "err", err)
-				c.nc.Close()
+			if err := c.serveRequest(exp, j); err != nil {
+				// A reply could not be sent, or the kernel gave up on
+				// the connection: it is over, and closing it ends the
+				// reader too.
+				klog.V(2).InfoS("nbd: connection ends", "err", err)
+				c.shutdown()
 			}
 			idleMu.Lock()
 			idle++
@@ -428,7 +644,7 @@ func (c *conn) transmit(ctx context.Context, exp *Export) error {
 	var hdr [requestSize]byte
 	for {
 		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
-			if errors.Is(err, io.EOF) || ctx.Err() != nil {
+			if errors.Is(err, io.EOF) || c.isStopped() {
 				return nil
 			}
 			return fmt.Errorf("nbd: read request: %w", err)
@@ -437,7 +653,7 @@ func (c *conn) transmit(ctx context.Context, exp *Export) error {
 		if err != nil {
 			return fmt.Errorf("nbd: %w", err)
 		}
-		var payload []byte
+		j := job{req: req}
 		switch req.typ {
 		case cmdDisc:
 			return nil
@@ -447,9 +663,20 @@ func (c *conn) transmit(ctx context.Context, exp *Export) error {
 				// length, so the connection ends here.
 				return fmt.Errorf("nbd: write of %d bytes exceeds %d: %w", req.length, MaxPayload, errMalformed)
 			}
-			payload = c.srv.bufs.get(int(req.length))
-			if _, err := io.ReadFull(c.r, payload); err != nil {
-				c.srv.bufs.put(payload)
+		}
+		if req.typ == cmdWrite || req.typ == cmdTrim || req.typ == cmdWriteZeroes {
+			// Ordered on arrival, before anything can delay it further.
+			j.w = exp.writes.enter(req.offset, req.length)
+		}
+		if req.typ == cmdWrite {
+			var ok bool
+			if j.payload, ok = c.getBuf(int(req.length)); !ok {
+				exp.writes.leave(j.w)
+				return nil
+			}
+			if _, err := io.ReadFull(c.r, j.payload); err != nil {
+				c.putBuf(j.payload)
+				exp.writes.leave(j.w)
 				return fmt.Errorf("nbd: read write payload: %w", err)
 			}
 		}
@@ -464,17 +691,95 @@ func (c *conn) transmit(ctx context.Context, exp *Export) error {
 		if spawn {
 			workers++
 			wg.Add(1)
-			go worker(job{req, payload})
+			go worker(j)
 			continue
 		}
 		// Blocks while all maxInFlight workers are busy.
-		jobs <- job{req, payload}
+		jobs <- j
 	}
 }
 
+// errPeerGone ends a kernel connection that the kernel has shut down.
+var errPeerGone = errors.New("nbd: the kernel shut the connection down; its requests are resent on another one")
+
+func (c *conn) isStopped() bool {
+	select {
+	case <-c.stopped:
+		return true
+	default:
+		return false
+	}
+}
+
+// peerGone reports whether the connection is over for the peer: it shut
+// the connection down, even while requests it sent before are still
+// unread, or we closed it (then no reply can reach it either).
+func (c *conn) peerGone() bool {
+	if c.isStopped() {
+		return true
+	}
+	if c.raw == nil {
+		return false
+	}
+	gone := false
+	if err := c.raw.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(fds, 0); err == nil && n > 0 {
+			gone = fds[0].Revents&(unix.POLLRDHUP|unix.POLLHUP|unix.POLLERR) != 0
+		}
+	}); err != nil {
+		return true // closed meanwhile
+	}
+	return gone
+}
+
+// getBuf takes a pool buffer of n bytes within the connection's memory
+// budget, waiting for room. It returns false when the connection is shut
+// down first.
+func (c *conn) getBuf(n int) ([]byte, bool) {
+	if n == 0 {
+		return nil, true
+	}
+	if !c.mem.acquire(c.mem.charge(c.srv.bufs.capFor(n)), c.stopped) {
+		return nil, false
+	}
+	return c.srv.bufs.get(n), true
+}
+
+// putBuf returns a buffer from getBuf.
+func (c *conn) putBuf(b []byte) {
+	if cap(b) == 0 {
+		return
+	}
+	c.srv.bufs.put(b)
+	c.mem.release(c.mem.charge(cap(b)))
+}
+
+// serveRequest runs one request. A panic in it fails the export (and is
+// answered with EIO); the connection and the server go on.
+func (c *conn) serveRequest(exp *export, j job) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			perr := exp.fail(r, debug.Stack())
+			err = c.fail(j.req, errIO, perr.Error())
+		}
+	}()
+	defer exp.writes.leave(j.w)
+	return c.handle(exp, j)
+}
+
 // handle runs one request and sends its reply.
-func (c *conn) handle(exp *Export, req request, payload []byte) error {
-	defer c.srv.bufs.put(payload)
+func (c *conn) handle(exp *export, j job) error {
+	req, payload := j.req, j.payload
+	defer c.putBuf(payload)
+	if c.isStopped() {
+		// Shut down (cancelled, removed, broken) with this request still
+		// queued: no reply can reach the client, so it is not run.
+		return nil
+	}
+	if err := exp.failed(); err != nil {
+		return c.fail(req, errIO, err.Error())
+	}
 	b := exp.Backend
 	size := uint64(b.Size())
 	inRange := req.offset <= size && uint64(req.length) <= size-req.offset
@@ -508,6 +813,24 @@ func (c *conn) handle(exp *Export, req request, payload []byte) error {
 				return c.fail(req, errInval, "trim beyond end of export")
 			}
 			return c.fail(req, errNoSpc, "write beyond end of export")
+		}
+		if !j.w.wait(c.stopped) {
+			return nil // nobody is left to answer
+		}
+		if c.resends && c.peerGone() {
+			// The kernel shut this connection down after a request on it
+			// timed out, and resends every request it has not seen
+			// answered on another one. This copy may have waited (for
+			// a worker, for memory, for earlier writes) while the
+			// resent one ran and newer writes followed it: running it
+			// now could put stale data over them. Checked after the
+			// write was ordered, so a copy that passes arrived before
+			// any resend and any newer write, which wait for it.
+			return errPeerGone
+		}
+		if err := exp.failed(); err != nil {
+			// An earlier overlapping write panicked.
+			return c.fail(req, errIO, err.Error())
 		}
 		var err error
 		switch req.typ {
@@ -556,14 +879,21 @@ func (c *conn) handle(exp *Export, req request, payload []byte) error {
 // read answers READ: one simple reply, or with structured replies one
 // chunk per data or hole run, so clients can skip zero ranges.
 func (c *conn) read(b Backend, req request) error {
-	buf := c.srv.bufs.get(int(req.length))
+	buf, ok := c.getBuf(int(req.length))
+	if !ok {
+		return nil // shut down while waiting for memory: nobody to answer
+	}
+	// Until the reply owns it, the buffer goes back here, also when the
+	// backend panics.
+	defer func() { c.putBuf(buf) }()
 	if !c.structured {
 		if _, err := readFull(b, buf, int64(req.offset)); err != nil {
-			c.srv.bufs.put(buf)
 			return c.done(req, err)
 		}
 		h := simpleHeader(req.handle, 0)
-		return c.send(buf, h[:], buf)
+		owned := buf
+		buf = nil
+		return c.send(owned, h[:], owned)
 	}
 	runs := extents(b, int64(req.offset), int64(req.length), 0)
 	var chunks [][]byte
@@ -583,17 +913,18 @@ func (c *conn) read(b Backend, req request) error {
 		if _, err := readFull(b, p, r.off); err != nil {
 			// Chunks already built are dropped: one error chunk is a
 			// complete, valid answer.
-			c.srv.bufs.put(buf)
 			return c.structuredError(req, errorCode(err), err.Error())
 		}
 		h := chunkHeader(req.handle, flags, replyTypeData, 8+uint32(r.n))
 		h = binary.BigEndian.AppendUint64(h, uint64(r.off))
 		chunks = append(chunks, h, p)
 	}
+	owned := buf
+	buf = nil
 	if len(chunks) == 0 { // zero-length read
-		return c.send(buf, chunkHeader(req.handle, replyFlagDone, replyTypeNone, 0))
+		return c.send(owned, chunkHeader(req.handle, replyFlagDone, replyTypeNone, 0))
 	}
-	return c.send(buf, chunks...)
+	return c.send(owned, chunks...)
 }
 
 // readSpliced answers READ from a FileReader through a pipe (see
@@ -604,6 +935,14 @@ func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
 	if p == nil {
 		return false, nil
 	}
+	filling := true
+	defer func() {
+		if filling {
+			// The backend panicked while filling: the pipe holds an
+			// unknown part of the reply.
+			c.pipes.discard(p)
+		}
+	}()
 	type span struct {
 		hole   bool
 		off, n int64
@@ -630,6 +969,7 @@ func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
 		pos += n
 		return nil
 	})
+	filling = false
 	if err != nil {
 		// The pipe may hold part of the reply: it is not reused.
 		c.pipes.discard(p)
@@ -812,7 +1152,7 @@ func (c *conn) sendWith(owned []byte, marks []spliceMark, parts [][]byte) error 
 	if c.werr != nil {
 		err := c.werr
 		c.wmu.Unlock()
-		c.srv.bufs.put(owned)
+		c.putBuf(owned)
 		c.dropMarks(marks)
 		return err
 	}
@@ -835,9 +1175,9 @@ func (c *conn) sendWith(owned []byte, marks []spliceMark, parts [][]byte) error 
 		batch, owned, marks := c.pending, c.owned, c.marks
 		c.pending, c.owned, c.marks = c.spareParts[:0], c.spareOwned[:0], c.spareMarks[:0]
 		c.wmu.Unlock()
-		err = c.writeOut(batch, marks)
+		err = c.writeOutSafe(batch, marks)
 		for i, b := range owned {
-			c.srv.bufs.put(b)
+			c.putBuf(b)
 			owned[i] = nil
 		}
 		clear(marks)
@@ -848,7 +1188,7 @@ func (c *conn) sendWith(owned []byte, marks []spliceMark, parts [][]byte) error 
 		c.werr = fmt.Errorf("nbd: send reply: %w", err)
 		err = c.werr
 		for _, b := range c.owned {
-			c.srv.bufs.put(b)
+			c.putBuf(b)
 		}
 		c.dropMarks(c.marks)
 		c.pending, c.owned, c.marks = nil, nil, nil
@@ -856,6 +1196,25 @@ func (c *conn) sendWith(owned []byte, marks []spliceMark, parts [][]byte) error 
 	c.writing = false
 	c.wmu.Unlock()
 	return err
+}
+
+// writeOutSafe is writeOut, with a panic turned into the failure of the
+// export and an error that ends the connection: the reply stream is in
+// an unknown state. Pipes of the batch are left to leak rather than
+// risk closing one that went back to the pool.
+func (c *conn) writeOutSafe(parts [][]byte, marks []spliceMark) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			stack := debug.Stack()
+			if c.exp == nil {
+				klog.ErrorS(nil, "nbd: panic while sending replies", "panic", fmt.Sprint(r), "stack", string(stack))
+				err = fmt.Errorf("nbd: panic while sending replies: %v", r)
+				return
+			}
+			err = c.exp.fail(r, stack)
+		}
+	}()
+	return c.writeOut(parts, marks)
 }
 
 // writeOut writes a batch of replies: the byte parts with writev, the
@@ -919,6 +1278,9 @@ func (p *bufPool) class(n int) int {
 	}
 	return i
 }
+
+// capFor is the capacity of the buffer get(n) returns.
+func (p *bufPool) capFor(n int) int { return 4096 << p.class(n) }
 
 func (p *bufPool) get(n int) []byte {
 	if n == 0 {
