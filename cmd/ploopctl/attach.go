@@ -31,7 +31,7 @@ func pidFile(index int) string {
 func runAttach(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	conns := fs.Int("connections", 4, "number of kernel connections (`N`)")
+	conns := fs.Int("connections", 1, "number of kernel connections (`N`); with more than one the kernel resends a request slower than 30 s on another connection (the server keeps that safe)")
 	mountDir := fs.String("mount", "", "mount the filesystem on the device at `DIR`")
 	readOnly := fs.Bool("read-only", false, "attach read-only")
 	direct := fs.Bool("direct", false, "open the image with O_DIRECT (no double caching)")

@@ -40,6 +40,11 @@ type AttachOptions struct {
 	// connection is dead, waiting for Reattach; 0 takes pkg/nbd's default.
 	// It bounds how long a restart of the serving process may take.
 	DeadConnTimeout time.Duration
+	// Server, when set, serves the volume as one export among others:
+	// one server for every volume of a process (the node plugin). The
+	// export is added at attach and removed when the volume lets go of
+	// its device. Nil gives the volume a server of its own.
+	Server *nbd.Server
 }
 
 // nbdOptions translates to pkg/nbd's options; the volume's export is named
@@ -113,9 +118,15 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 	if v.att != nil {
 		return fmt.Errorf("%s %s: already attached to %s", verb, v.path, v.att.Path())
 	}
-	srv, err := v.newServer(no.Export)
+	srv, err := v.exportTo(opts.Server, no.Export)
 	if err != nil {
 		return err
+	}
+	unexport := func() {
+		if opts.Server != nil {
+			// Nothing is connected to the export yet.
+			opts.Server.Remove(context.Background(), no.Export)
+		}
 	}
 	start := time.Now()
 	var att *nbd.Attachment
@@ -123,10 +134,13 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 		index, ferr := nbd.FindBackend(opts.BackendID)
 		switch {
 		case errors.Is(ferr, os.ErrNotExist):
+			unexport()
 			return fmt.Errorf("reattach %s (backend %s): %w", v.path, opts.BackendID, ErrNoDevice)
 		case ferr != nil:
+			unexport()
 			return fmt.Errorf("reattach %s: %w", v.path, ferr)
 		case no.Index >= 0 && index != no.Index:
+			unexport()
 			return fmt.Errorf("reattach %s: backend %s is on %s, not %s", v.path, opts.BackendID, nbd.DevicePath(index), opts.Device)
 		}
 		att, err = k.Reattach(ctx, srv, no)
@@ -134,10 +148,12 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 		att, err = k.Connect(ctx, srv, no)
 	}
 	if err != nil {
+		unexport()
 		return fmt.Errorf("%s %s: %w", verb, v.path, err)
 	}
 	v.mu.Lock()
 	v.att = att
+	v.srv, v.export, v.sharedSrv = srv, no.Export, opts.Server != nil
 	v.mu.Unlock()
 	if re {
 		// A grow whose process was killed between growing the stack and

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
@@ -75,8 +76,12 @@ type Volume struct {
 	// locks held, so a holder of busy may read them without mu.
 	mu     sync.Mutex
 	att    *nbd.Attachment
-	ctl    *controlServer
-	closed bool
+	srv    *nbd.Server // serves att; shared with other volumes when sharedSrv
+	export string
+	// sharedSrv: the export is removed from srv when the device goes.
+	sharedSrv bool
+	ctl       *controlServer
+	closed    bool
 }
 
 // begin takes busy for an operation named what, failing once the volume
@@ -190,15 +195,43 @@ func (v *Volume) Stack() *ploop.Stack { return v.stack }
 // description is what NBD clients are told the export is.
 func (v *Volume) description() string { return string(v.kind) + " image " + v.path }
 
-// newServer is the one place where a volume gets an NBD server. Today each
-// volume has a server of its own; when one server serves every volume of
-// the process, this is what changes.
+// newServer gives the volume an NBD server of its own.
 func (v *Volume) newServer(export string) (*nbd.Server, error) {
-	srv, err := nbd.NewServer(nbd.Export{Name: export, Description: v.description(), Backend: v.disk, ReadOnly: v.readOnly})
+	return v.exportTo(nil, export)
+}
+
+// exportTo is the one place where a volume becomes an NBD export: of
+// shared, or of a new server when shared is nil. A panic in the export's
+// request path fails only this volume (see Failed).
+func (v *Volume) exportTo(shared *nbd.Server, export string) (*nbd.Server, error) {
+	exp := nbd.Export{Name: export, Description: v.description(), Backend: v.disk, ReadOnly: v.readOnly,
+		OnFailure: func(err error) {
+			klog.ErrorS(err, "serving: volume failed: its device returns I/O errors until it is detached", "path", v.path, "export", export)
+		}}
+	if shared != nil {
+		if err := shared.Add(exp); err != nil {
+			return nil, fmt.Errorf("serve %s: %w", v.path, err)
+		}
+		return shared, nil
+	}
+	srv, err := nbd.NewServer(exp)
 	if err != nil {
 		return nil, fmt.Errorf("serve %s: %w", v.path, err)
 	}
 	return srv, nil
+}
+
+// Failed returns why the volume's export failed (a panic in its request
+// path, see nbd.Server.Failed), or nil: a failed volume answers every
+// request with an I/O error until it is detached.
+func (v *Volume) Failed() error {
+	v.mu.Lock()
+	srv, export := v.srv, v.export
+	v.mu.Unlock()
+	if srv == nil {
+		return nil
+	}
+	return srv.Failed(export)
 }
 
 // Serve serves the volume to NBD clients as export name on l until ctx is
@@ -291,11 +324,17 @@ func (v *Volume) teardown(detach func(*nbd.Attachment) error) error {
 	v.busy.Lock()
 	defer v.busy.Unlock()
 	v.mu.Lock()
-	att := v.att
-	v.att = nil
+	att, srv, export, shared := v.att, v.srv, v.export, v.sharedSrv
+	v.att, v.srv = nil, nil
 	v.mu.Unlock()
 	if att != nil {
 		errs = append(errs, detach(att))
+	}
+	if shared {
+		// The device is gone or released: its connections have ended.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		errs = append(errs, srv.Remove(ctx, export))
+		cancel()
 	}
 	errs = append(errs, v.closeDisk())
 	return errors.Join(errs...)
