@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"os"
 	"path/filepath"
 	"testing"
@@ -13,7 +14,7 @@ import (
 // TestCompactVerb compacts a stack directory and a lone image after half
 // of their data was discarded: the contents stay and the files shrink.
 func TestCompactVerb(t *testing.T) {
-	needTool(t, "qemu-img")
+	testcmd.Need(t, "qemu-img")
 	root := t.TempDir()
 	dir := filepath.Join(root, "vol")
 	mustPloopctl(t, "init", "-s", "4M", "--cluster-size", "64K", dir)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -52,16 +53,9 @@ func mustPloopctl(t *testing.T, args ...string) string {
 	return out
 }
 
-func needTool(t *testing.T, name string) {
-	t.Helper()
-	if _, err := exec.LookPath(name); err != nil {
-		t.Fatalf("%s is required by this test but is not installed (Debian: apt-get install qemu-utils)", name)
-	}
-}
-
 func qemuImg(t *testing.T, args ...string) string {
 	t.Helper()
-	needTool(t, "qemu-img")
+	testcmd.Need(t, "qemu-img")
 	out, err := exec.Command("qemu-img", args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("qemu-img %s: %v\n%s", strings.Join(args, " "), err, out)

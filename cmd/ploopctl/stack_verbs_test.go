@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -55,7 +56,7 @@ func exportRaw(t *testing.T, dir, guid string) []byte {
 }
 
 func TestStackVerbs(t *testing.T) {
-	needTool(t, "qemu-img")
+	testcmd.Need(t, "qemu-img")
 	for _, rawBase := range []bool{false, true} {
 		t.Run(map[bool]string{false: "ploop-base", true: "raw-base"}[rawBase], func(t *testing.T) {
 			root := t.TempDir()

@@ -5,9 +5,7 @@ import (
 	"errors"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 
@@ -94,17 +92,6 @@ func (b *fileBackend) Extent(off, length int64) (int64, bool, error) {
 	return min(hole-off, length), true, nil
 }
 
-// needTool fails the test when an external tool is missing: interop tests
-// must never pass by not running.
-func needTool(t testing.TB, names ...string) {
-	t.Helper()
-	for _, n := range names {
-		if _, err := exec.LookPath(n); err != nil {
-			t.Fatalf("%s is required for this test (Debian: apt-get install qemu-utils libnbd-bin nbdkit): %v", n, err)
-		}
-	}
-}
-
 // serveUnix serves exports on a fresh unix socket until the test ends and
 // returns the socket path.
 func serveUnix(t testing.TB, exports ...Export) string {
@@ -132,16 +119,6 @@ func serveUnix(t testing.TB, exports ...Export) string {
 
 func nbdURI(sock, export string) string {
 	return "nbd+unix:///" + export + "?socket=" + sock
-}
-
-func runTool(t testing.TB, name string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(name, args...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
 }
 
 func writeRandom(t testing.TB, path string, size int64) {

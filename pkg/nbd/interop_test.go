@@ -3,6 +3,7 @@ package nbd
 import (
 	"bytes"
 	"encoding/json"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -12,7 +13,7 @@ import (
 )
 
 func TestNbdinfo(t *testing.T) {
-	needTool(t, "nbdinfo")
+	testcmd.Need(t, "nbdinfo")
 	b, _ := newFileBackend(t, 64<<20)
 	// Data at 1 MiB and 8 MiB, everything else unwritten.
 	for _, off := range []int64{1 << 20, 8 << 20} {
@@ -27,7 +28,7 @@ func TestNbdinfo(t *testing.T) {
 	)
 
 	t.Run("json", func(t *testing.T) {
-		out := runTool(t, "nbdinfo", "--json", nbdURI(sock, "vol"))
+		out := testcmd.Combined(t, "nbdinfo", "--json", nbdURI(sock, "vol"))
 		var info struct {
 			Protocol   string `json:"protocol"`
 			Structured bool   `json:"TLS"`
@@ -62,14 +63,14 @@ func TestNbdinfo(t *testing.T) {
 		if len(e.Contexts) != 1 || e.Contexts[0] != "base:allocation" {
 			t.Errorf("contexts = %v, want [base:allocation]", e.Contexts)
 		}
-		out = runTool(t, "nbdinfo", "--json", nbdURI(sock, "ro"))
+		out = testcmd.Combined(t, "nbdinfo", "--json", nbdURI(sock, "ro"))
 		if !strings.Contains(out, `"is_read_only": true`) {
 			t.Errorf("read-only export not announced read-only:\n%s", out)
 		}
 	})
 
 	t.Run("list", func(t *testing.T) {
-		out := runTool(t, "nbdinfo", "--list", nbdURI(sock, ""))
+		out := testcmd.Combined(t, "nbdinfo", "--list", nbdURI(sock, ""))
 		for _, want := range []string{"export=", "vol", "test volume", "ro", "read-only"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("nbdinfo --list lacks %q:\n%s", want, out)
@@ -78,7 +79,7 @@ func TestNbdinfo(t *testing.T) {
 	})
 
 	t.Run("map", func(t *testing.T) {
-		out := runTool(t, "nbdinfo", "--map", nbdURI(sock, "vol"))
+		out := testcmd.Combined(t, "nbdinfo", "--map", nbdURI(sock, "vol"))
 		// Columns: offset, length, type, description.
 		var got []string
 		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
@@ -100,7 +101,7 @@ func TestNbdinfo(t *testing.T) {
 // TestNbdcopy copies 256 MiB of random data in and out over four
 // connections and compares with qemu-img.
 func TestNbdcopy(t *testing.T) {
-	needTool(t, "nbdcopy", "qemu-img")
+	testcmd.Need(t, "nbdcopy", "qemu-img")
 	const size = 256 << 20
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src.raw")
@@ -115,8 +116,8 @@ func TestNbdcopy(t *testing.T) {
 	spliced := &splicingBackend{fileBackend: dst, size: size}
 	sock := serveUnix(t, Export{Name: "dst", Backend: dst}, Export{Name: "spliced", Backend: spliced})
 
-	runTool(t, "nbdcopy", "--flush", "--connections=4", "--requests=16", src, nbdURI(sock, "dst"))
-	runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, dstPath)
+	testcmd.Combined(t, "nbdcopy", "--flush", "--connections=4", "--requests=16", src, nbdURI(sock, "dst"))
+	testcmd.Combined(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, dstPath)
 	dst.mu.Lock()
 	flushes := dst.flushes
 	dst.mu.Unlock()
@@ -126,8 +127,8 @@ func TestNbdcopy(t *testing.T) {
 
 	for _, export := range []string{"dst", "spliced"} {
 		back := filepath.Join(dir, export+".raw")
-		runTool(t, "nbdcopy", "--connections=4", "--requests=16", nbdURI(sock, export), back)
-		runTool(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, back)
+		testcmd.Combined(t, "nbdcopy", "--connections=4", "--requests=16", nbdURI(sock, export), back)
+		testcmd.Combined(t, "qemu-img", "compare", "-f", "raw", "-F", "raw", src, back)
 	}
 	if spliced.readFiles.Load() == 0 {
 		t.Errorf("no read of the spliced export was spliced")
@@ -135,7 +136,7 @@ func TestNbdcopy(t *testing.T) {
 }
 
 func TestQemuIOAio(t *testing.T) {
-	needTool(t, "qemu-io")
+	testcmd.Need(t, "qemu-io")
 	b, path := newFileBackend(t, 32<<20)
 	sock := serveUnix(t, Export{Name: "x", Backend: b})
 	uri := nbdURI(sock, "x")
@@ -149,7 +150,7 @@ func TestQemuIOAio(t *testing.T) {
 		args = append(args, "-c", "aio_write "+fua+"-P "+strconv.Itoa(i+1)+" "+strconv.Itoa(i<<20)+" 1M")
 	}
 	args = append(args, "-c", "aio_flush", uri)
-	out := runTool(t, "qemu-io", args...)
+	out := testcmd.Combined(t, "qemu-io", args...)
 	if strings.Contains(out, "error") || strings.Contains(out, "failed") {
 		t.Fatalf("qemu-io reported errors:\n%s", out)
 	}
@@ -168,14 +169,14 @@ func TestQemuIOAio(t *testing.T) {
 		args = append(args, "-c", "aio_read -P "+strconv.Itoa(i+1)+" "+strconv.Itoa(i<<20)+" 1M")
 	}
 	args = append(args, "-c", "aio_flush", uri)
-	out = runTool(t, "qemu-io", args...)
+	out = testcmd.Combined(t, "qemu-io", args...)
 	if strings.Contains(out, "mismatch") || strings.Contains(out, "error") {
 		t.Fatalf("qemu-io read back wrong data:\n%s", out)
 	}
 }
 
 func TestReadOnlyExportRefusesWrites(t *testing.T) {
-	needTool(t, "qemu-io")
+	testcmd.Need(t, "qemu-io")
 	b, _ := newFileBackend(t, 1<<20)
 	sock := serveUnix(t, Export{Name: "ro", Backend: b, ReadOnly: true})
 	// qemu-io would refuse a read-only export itself before sending, so

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"net"
 	"os"
 	"os/exec"
@@ -128,7 +129,7 @@ func runQuiet(name string, args ...string) (string, bool) {
 // then on, and tells its owner; the other export of the same server, and
 // a connection to it that was open all along, keep working.
 func TestPanicFailsOnlyItsExport(t *testing.T) {
-	needTool(t, "qemu-io", "nbdinfo")
+	testcmd.Need(t, "qemu-io", "nbdinfo")
 	tests := []struct {
 		method  string
 		trigger []string // a real client's command that reaches method
@@ -217,8 +218,8 @@ func TestPanicFailsOnlyItsExport(t *testing.T) {
 
 			// The good export: the old connection and new ones.
 			open.writeRead(3, 8192, 0x22)
-			runTool(t, "qemu-io", "-f", "raw", "-c", "write -P 0x44 1M 1M", "-c", "read -P 0x44 1M 1M", nbdURI(sock, "good"))
-			if out := runTool(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 8k 4k", nbdURI(sock, "good")); strings.Contains(out, "fail") {
+			testcmd.Combined(t, "qemu-io", "-f", "raw", "-c", "write -P 0x44 1M 1M", "-c", "read -P 0x44 1M 1M", nbdURI(sock, "good"))
+			if out := testcmd.Combined(t, "qemu-io", "-f", "raw", "-r", "-c", "read -P 0x22 8k 4k", nbdURI(sock, "good")); strings.Contains(out, "fail") {
 				t.Errorf("good export:\n%s", out)
 			}
 			data, err := os.ReadFile(goodPath)
@@ -299,7 +300,7 @@ func TestAddRemove(t *testing.T) {
 	if got := srv.Exports(); strings.Join(got, ",") != "a,b" {
 		t.Errorf("Exports() = %v", got)
 	}
-	out := runTool(t, "nbdinfo", "--list", nbdURI(sock, ""))
+	out := testcmd.Combined(t, "nbdinfo", "--list", nbdURI(sock, ""))
 	if !strings.Contains(out, "export=\"a\"") && !strings.Contains(out, "export=a") || !strings.Contains(out, "b") {
 		t.Errorf("nbdinfo --list:\n%s", out)
 	}
@@ -351,13 +352,13 @@ func TestAddRemove(t *testing.T) {
 		t.Errorf("Exports() = %v", got)
 	}
 	// The default export is now b.
-	if out := runTool(t, "nbdinfo", "--size", nbdURI(sock, "")); strings.TrimSpace(out) != "1048576" {
+	if out := testcmd.Combined(t, "nbdinfo", "--size", nbdURI(sock, "")); strings.TrimSpace(out) != "1048576" {
 		t.Errorf("default export size %q", out)
 	}
 	if err := srv.Add(Export{Name: "a", Backend: b}); err != nil {
 		t.Fatalf("Add after the export drained: %v", err)
 	}
-	runTool(t, "qemu-io", "-f", "raw", "-c", "read -P 0x66 0 4k", nbdURI(sock, "a"))
+	testcmd.Combined(t, "qemu-io", "-f", "raw", "-c", "read -P 0x66 0 4k", nbdURI(sock, "a"))
 }
 
 // TestAddRemoveConcurrent churns exports while clients use them; run

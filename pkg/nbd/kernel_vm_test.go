@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -52,15 +53,6 @@ func TestKernel(t *testing.T) {
 		{Name: "StaleWriteAfterResend", Run: testStaleWriteAfterResend},
 		{Name: "RestartWithDefaults", Run: testRestartWithDefaults},
 	})
-}
-
-func guestRun(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
 }
 
 func openKernel(t *testing.T) *nbd.Kernel {
@@ -110,7 +102,7 @@ func mount(t *testing.T, dev, dir string, opts ...string) {
 	if len(opts) > 0 {
 		args = append([]string{"-o", strings.Join(opts, ",")}, args...)
 	}
-	guestRun(t, "mount", args...)
+	testcmd.Combined(t, "mount", args...)
 }
 
 func umount(t *testing.T, dir string) {
@@ -190,7 +182,7 @@ func testAttachMkfsMount(t *testing.T) {
 	if ok, err := k.Status(att.Index()); err != nil || !ok {
 		t.Fatalf("Status = %v, %v; want connected", ok, err)
 	}
-	guestRun(t, "mkfs.ext4", "-q", att.Path())
+	testcmd.Combined(t, "mkfs.ext4", "-q", att.Path())
 	mnt := filepath.Join(dir, "mnt")
 	os.Mkdir(mnt, 0o755)
 	mount(t, att.Path(), mnt)
@@ -211,7 +203,7 @@ func testAttachMkfsMount(t *testing.T) {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	guestRun(t, "qemu-img", "check", "-f", "parallels", path)
+	testcmd.Combined(t, "qemu-img", "check", "-f", "parallels", path)
 
 	// Content check through a fresh attach, after fsck.
 	img, err = ploop.Open(path, ploop.OpenOptions{})
@@ -220,7 +212,7 @@ func testAttachMkfsMount(t *testing.T) {
 	}
 	defer img.Close()
 	att = attach(t, k, img, id)
-	guestRun(t, "e2fsck", "-fn", att.Path())
+	testcmd.Combined(t, "e2fsck", "-fn", att.Path())
 	mount(t, att.Path(), mnt, "ro")
 	verifyFiles(t, mnt, files, size)
 	umount(t, mnt)
@@ -262,7 +254,7 @@ func testOnlineResize(t *testing.T) {
 	}
 	k := openKernel(t)
 	att := attach(t, k, growFile{f}, "test-resize")
-	guestRun(t, "mkfs.ext4", "-q", att.Path())
+	testcmd.Combined(t, "mkfs.ext4", "-q", att.Path())
 	mnt := filepath.Join(dir, "mnt")
 	os.Mkdir(mnt, 0o755)
 	mount(t, att.Path(), mnt)
@@ -281,7 +273,7 @@ func testOnlineResize(t *testing.T) {
 	if got := strings.TrimSpace(string(b)); got != strconv.Itoa(256<<20/512) {
 		t.Fatalf("/sys/block/%s/size = %s sectors, want %d", filepath.Base(att.Path()), got, 256<<20/512)
 	}
-	guestRun(t, "resize2fs", att.Path())
+	testcmd.Combined(t, "resize2fs", att.Path())
 	after := fsBlocks(t, mnt)
 	if after < before*19/10 {
 		t.Fatalf("filesystem grew from %d to %d blocks, want about double", before, after)
@@ -290,7 +282,7 @@ func testOnlineResize(t *testing.T) {
 		t.Fatal(err)
 	}
 	umount(t, mnt)
-	guestRun(t, "e2fsck", "-fn", att.Path())
+	testcmd.Combined(t, "e2fsck", "-fn", att.Path())
 	if err := att.Resize(1000); err == nil {
 		t.Error("Resize to a size that is not a multiple of 4096 succeeded")
 	}
@@ -563,7 +555,7 @@ func testRestartSurvival(t *testing.T) {
 	}
 	const id = "test-restart"
 	h := startHelper(t, path, id, "connect")
-	guestRun(t, "mkfs.ext4", "-q", h.dev)
+	testcmd.Combined(t, "mkfs.ext4", "-q", h.dev)
 	mnt := filepath.Join(dir, "mnt")
 	os.Mkdir(mnt, 0o755)
 	mount(t, h.dev, mnt)
@@ -636,12 +628,12 @@ func testRestartSurvival(t *testing.T) {
 	dropCaches(t)
 	verifyFiles(t, mnt, n, size)
 	umount(t, mnt)
-	guestRun(t, "e2fsck", "-fn", h.dev)
+	testcmd.Combined(t, "e2fsck", "-fn", h.dev)
 	h.cmd.Process.Signal(syscall.SIGTERM)
 	if err := h.cmd.Wait(); err != nil {
 		t.Fatalf("helper did not shut down cleanly: %v", err)
 	}
-	guestRun(t, "qemu-img", "check", "-f", "parallels", path)
+	testcmd.Combined(t, "qemu-img", "check", "-f", "parallels", path)
 	t.Logf("%d fsync'ed files written across 10 server restarts", n)
 }
 

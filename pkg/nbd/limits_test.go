@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"io"
 	"net"
 	"os"
@@ -77,7 +78,7 @@ func TestHandshakeTimeout(t *testing.T) {
 // in a way a real client reports; once a slot is free, a client gets in
 // again.
 func TestMaxConns(t *testing.T) {
-	needTool(t, "nbdinfo")
+	testcmd.Need(t, "nbdinfo")
 	const max = DefaultMaxConns
 	srv, err := NewServer(Export{Name: "x", Backend: &memBackend{data: make([]byte, 1<<20)}})
 	if err != nil {

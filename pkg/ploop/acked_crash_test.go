@@ -5,9 +5,9 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -317,8 +317,7 @@ func runAckedChild(t *testing.T, path string, seed uint64, round, killAfter int)
 		t.Fatal(err)
 	}
 	defer r.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestAckedCrashChild$")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d,%d", ackedChildEnv, path, seed, round))
+	cmd := testcmd.Child("TestAckedCrashChild", fmt.Sprintf("%s=%s,%d,%d", ackedChildEnv, path, seed, round))
 	cmd.ExtraFiles = []*os.File{w}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

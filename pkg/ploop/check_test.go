@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"errors"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -225,7 +226,7 @@ func TestRepair(t *testing.T) {
 				t.Errorf("Check reported %v, want %v:\n%s", kinds, c.kinds, rep)
 			}
 			if c.qemuSees {
-				if out, code := runStatus(t, "qemu-img", "check", "-f", "parallels", p); code == 0 {
+				if out, code := testcmd.Status(t, "qemu-img", "check", "-f", "parallels", p); code == 0 {
 					t.Errorf("qemu-img check found nothing wrong (test corruption ineffective?):\n%s", out)
 				}
 			}

@@ -4,9 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -194,8 +194,7 @@ func runCrashChild(t *testing.T, path string, seed uint64, killAfter int) int {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d", crashChildEnv, path, seed))
+	cmd := testcmd.Child("TestCrashChild", fmt.Sprintf("%s=%s,%d", crashChildEnv, path, seed))
 	cmd.ExtraFiles = []*os.File{w}
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

@@ -3,6 +3,7 @@ package ploop
 import (
 	"bytes"
 	"errors"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"path/filepath"
 	"strings"
@@ -121,7 +122,7 @@ func TestGrowStack(t *testing.T) {
 			}
 			list, _ := ListSnapshots(dir)
 			qemuCheck(t, filepath.Join(dir, list[len(list)-1].File))
-			if out := run(t, "qemu-img", "info", "-f", "parallels", filepath.Join(dir, list[len(list)-1].File)); !strings.Contains(out, "4 MiB") {
+			if out := testcmd.Run(t, "qemu-img", "info", "-f", "parallels", filepath.Join(dir, list[len(list)-1].File)); !strings.Contains(out, "4 MiB") {
 				t.Fatalf("qemu-img info of the grown top:\n%s", out)
 			}
 			if err := GrowStack(dir, 1<<20); !errors.Is(err, unix.EINVAL) {

@@ -1,58 +1,19 @@
 package ploop
 
 import (
-	"bytes"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 )
 
-// tool returns the path of an external program the test needs, failing
-// (never skipping) with a clear message when it is missing.
-func tool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err != nil {
-		t.Fatalf("%s is required by this test but is not installed (Debian: apt-get install qemu-utils): %v", name, err)
-	}
-	return p
-}
-
-// run executes an external program and returns its stdout, failing the
-// test with its stderr on error.
-func run(t testing.TB, name string, args ...string) string {
-	t.Helper()
-	cmd := exec.Command(tool(t, name), args...)
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		t.Fatalf("%s %s: %v\nstdout: %s\nstderr: %s", name, strings.Join(args, " "), err, stdout.String(), stderr.String())
-	}
-	return stdout.String()
-}
-
-// runStatus executes an external program and returns its combined output
-// and exit status.
-func runStatus(t testing.TB, name string, args ...string) (string, int) {
-	t.Helper()
-	out, err := exec.Command(tool(t, name), args...).CombinedOutput()
-	if err != nil {
-		if ee, ok := err.(*exec.ExitError); ok {
-			return string(out), ee.ExitCode()
-		}
-		t.Fatalf("%s: %v", name, err)
-	}
-	return string(out), 0
-}
-
 // qemuCheck asserts that qemu-img agrees the image is clean.
 func qemuCheck(t testing.TB, path string) {
 	t.Helper()
-	out, code := runStatus(t, "qemu-img", "check", "-f", "parallels", path)
+	out, code := testcmd.Status(t, "qemu-img", "check", "-f", "parallels", path)
 	if code == 3 && qemuEmptyImageLeakBug(t, path, out) {
 		return
 	}
@@ -84,7 +45,7 @@ func qemuEmptyImageLeakBug(t testing.TB, path, out string) bool {
 func qemuToRaw(t testing.TB, path string) []byte {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "qemu.raw")
-	run(t, "qemu-img", "convert", "-f", "parallels", "-O", "raw", path, out)
+	testcmd.Run(t, "qemu-img", "convert", "-f", "parallels", "-O", "raw", path, out)
 	b, err := os.ReadFile(out)
 	if err != nil {
 		t.Fatal(err)

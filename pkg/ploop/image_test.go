@@ -3,6 +3,7 @@ package ploop
 import (
 	"bytes"
 	"errors"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -45,7 +46,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 			if c.cluster != 0 {
 				args = append(args, "-o", "cluster_size="+itoa64(c.cluster))
 			}
-			run(t, "qemu-img", append(args, theirs, itoa64(c.size))...)
+			testcmd.Run(t, "qemu-img", append(args, theirs, itoa64(c.size))...)
 			a, _ := os.ReadFile(ours)
 			b, _ := os.ReadFile(theirs)
 			if !bytes.Equal(a, b) {

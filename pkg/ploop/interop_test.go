@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -92,7 +93,7 @@ func newModel(t *testing.T, size int64) (*os.File, string) {
 // raw file.
 func qemuCompare(t *testing.T, image, rawFile string) {
 	t.Helper()
-	out, code := runStatus(t, "qemu-img", "compare", "-f", "parallels", "-F", "raw", image, rawFile)
+	out, code := testcmd.Status(t, "qemu-img", "compare", "-f", "parallels", "-F", "raw", image, rawFile)
 	if code != 0 {
 		t.Fatalf("qemu-img compare %s %s: exit %d: %s", image, rawFile, code, out)
 	}
@@ -177,7 +178,7 @@ func TestInteropQemuReadByOurs(t *testing.T) {
 			// qemu-img convert must not allocate it, and reads are zeros.
 			model.WriteAt(make([]byte, c.cluster), 5*c.cluster)
 			converted := filepath.Join(dir, "convert.hdd")
-			run(t, "qemu-img", "convert", "-f", "raw", "-O", "parallels", "-o", "cluster_size="+strconv.FormatInt(c.cluster, 10), modelPath, converted)
+			testcmd.Run(t, "qemu-img", "convert", "-f", "raw", "-O", "parallels", "-o", "cluster_size="+strconv.FormatInt(c.cluster, 10), modelPath, converted)
 			img := mustOpen(t, converted, OpenOptions{ReadOnly: true})
 			if img.Size() != c.size || img.ClusterSize() != c.cluster {
 				t.Fatalf("size %d cluster %d", img.Size(), img.ClusterSize())
@@ -193,7 +194,7 @@ func TestInteropQemuReadByOurs(t *testing.T) {
 
 			// qemu-io writes patterns into a qemu-img created image.
 			written := filepath.Join(dir, "qemuio.hdd")
-			run(t, "qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size="+strconv.FormatInt(c.cluster, 10), written, strconv.FormatInt(c.size, 10))
+			testcmd.Run(t, "qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size="+strconv.FormatInt(c.cluster, 10), written, strconv.FormatInt(c.size, 10))
 			patModel, patModelPath := newModel(t, c.size)
 			var args []string
 			var pats []writeOp
@@ -207,7 +208,7 @@ func TestInteropQemuReadByOurs(t *testing.T) {
 				pats = append(pats, w)
 				patModel.WriteAt(w.data, w.off)
 			}
-			run(t, "qemu-io", append([]string{"-f", "parallels"}, append(args, written)...)...)
+			testcmd.Run(t, "qemu-io", append([]string{"-f", "parallels"}, append(args, written)...)...)
 			img = mustOpen(t, written, OpenOptions{})
 			compareRanges(t, img, patModel, pats)
 			if c.full {

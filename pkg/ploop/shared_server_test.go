@@ -2,6 +2,7 @@ package ploop
 
 import (
 	"context"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -18,7 +19,7 @@ import (
 // intact or, when the operation had to give the stack up, with I/O errors;
 // the other volume is untouched either way, and the server goes on.
 func TestFailedVolumeContained(t *testing.T) {
-	qemuIO := tool(t, "qemu-io")
+	qemuIO := testcmd.Path(t, "qemu-io")
 	const size, cluster = 8 << 20, 64 << 10
 	srv := nbd.New(nbd.ServerOptions{})
 	sock := filepath.Join(t.TempDir(), "nbd.sock")

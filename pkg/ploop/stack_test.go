@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -373,12 +374,12 @@ func TestOpenVZStyleStack(t *testing.T) {
 	base := filepath.Join(dir, "root.hds")
 	delta := filepath.Join(dir, "root.hds.{9a1f0c3e-1111-4c2b-8d7e-5d2e0a0e2a12}")
 	for _, p := range []string{base, delta} {
-		run(t, "qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=1M", p, fmt.Sprint(size))
+		testcmd.Run(t, "qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=1M", p, fmt.Sprint(size))
 	}
 	// The base has 0xaa in its first 2 MiB; the delta overwrites 4 KiB
 	// inside the second cluster and writes a third.
-	run(t, "qemu-io", "-f", "parallels", "-c", "write -P 0xaa 0 2M", base)
-	run(t, "qemu-io", "-f", "parallels", "-c", "write -P 0xbb 1M 4k", "-c", "write -P 0xcc 3M 1M", delta)
+	testcmd.Run(t, "qemu-io", "-f", "parallels", "-c", "write -P 0xaa 0 2M", base)
+	testcmd.Run(t, "qemu-io", "-f", "parallels", "-c", "write -P 0xbb 1M 4k", "-c", "write -P 0xcc 3M 1M", delta)
 	d := strings.NewReplacer("20971520", fmt.Sprint(size/512), "20805", fmt.Sprint(size/512/16/63)).Replace(openvzDescriptor)
 	if err := os.WriteFile(filepath.Join(dir, DescriptorName), []byte(d), 0o600); err != nil {
 		t.Fatal(err)

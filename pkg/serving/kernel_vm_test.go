@@ -9,8 +9,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -28,16 +28,54 @@ func TestKernel(t *testing.T) {
 		{Name: "AttachGrowClose", Run: testAttachGrowClose},
 		{Name: "ReleaseReattach", Run: testReleaseReattach},
 		{Name: "ReattachNoDevice", Run: testReattachNoDevice},
+		{Name: "SharedServer", Run: testSharedServer},
 	})
 }
 
-func guestRun(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+// testSharedServer: two volumes attached through one nbd.Server (as the
+// node plugin serves them): each is its own export and device, closing one
+// removes its export and leaves the other serving, and an online grow of
+// the other still resizes its device.
+func testSharedServer(t *testing.T) {
+	srv := nbd.New(nbd.ServerOptions{})
+	k := openKernel(t)
+	ctx, cancel := withTimeout(2 * time.Minute)
+	defer cancel()
+	var vols []*Volume
+	for _, id := range []string{"shared-a", "shared-b"} {
+		v := open(t, newStack(t, 64<<20), OpenOptions{})
+		if err := v.Attach(ctx, k, AttachOptions{BackendID: id, Server: srv}); err != nil {
+			t.Fatal(err)
+		}
+		testcmd.Combined(t, "dd", "if=/dev/urandom", "of="+v.Device(), "bs=1M", "count=4", "oflag=direct", "status=none")
+		vols = append(vols, v)
 	}
-	return string(out)
+	if got := srv.Exports(); len(got) != 2 {
+		t.Fatalf("shared server exports %v, want two", got)
+	}
+	if err := vols[0].Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := srv.Exports(); len(got) != 1 || got[0] != "shared-b" {
+		t.Fatalf("exports after closing the first volume: %v", got)
+	}
+	b := vols[1]
+	testcmd.Combined(t, "dd", "if=/dev/zero", "of="+b.Device(), "bs=1M", "count=4", "seek=8", "oflag=direct", "status=none")
+	if _, err := b.Grow(128 << 20); err != nil {
+		t.Fatal(err)
+	}
+	if got := deviceBytes(t, b.Device()); got != 128<<20 {
+		t.Fatalf("%s has %d bytes after Grow to 128 MiB", b.Device(), got)
+	}
+	if err := b.Failed(); err != nil {
+		t.Fatalf("healthy volume reports failure: %v", err)
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := srv.Exports(); len(got) != 0 {
+		t.Fatalf("exports after closing both volumes: %v", got)
+	}
 }
 
 func openKernel(t *testing.T) *nbd.Kernel {
@@ -97,7 +135,7 @@ func testAttachGrowClose(t *testing.T) {
 	if got := deviceBytes(t, dev); got != 128<<20 {
 		t.Fatalf("%s has %d bytes after Grow to 128 MiB", dev, got)
 	}
-	guestRun(t, "mkfs.ext4", "-q", dev)
+	testcmd.Combined(t, "mkfs.ext4", "-q", dev)
 
 	// Someone else disconnects the device: Gone tells the owner.
 	index, _ := nbd.ParseDevice(dev)
@@ -137,10 +175,10 @@ func testReleaseReattach(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev := v.Device()
-	guestRun(t, "mkfs.ext4", "-q", dev)
+	testcmd.Combined(t, "mkfs.ext4", "-q", dev)
 	mnt := filepath.Join(t.TempDir(), "mnt")
 	os.Mkdir(mnt, 0o755)
-	guestRun(t, "mount", dev, mnt)
+	testcmd.Combined(t, "mount", dev, mnt)
 	defer unix.Unmount(mnt, unix.MNT_DETACH)
 	before := pattern(0x61, 4<<20)
 	if err := os.WriteFile(filepath.Join(mnt, "before"), before, 0o600); err != nil {
@@ -185,7 +223,7 @@ func testReleaseReattach(t *testing.T) {
 	if err := <-written; err != nil {
 		t.Fatalf("a write across the restart failed: %v", err)
 	}
-	guestRun(t, "sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+	testcmd.Combined(t, "sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
 	for name, want := range map[string][]byte{"before": before, "after": after} {
 		if got, err := os.ReadFile(filepath.Join(mnt, name)); err != nil || !bytes.Equal(got, want) {
 			t.Errorf("file %s after the restart: %d bytes, %v", name, len(got), err)
@@ -194,7 +232,7 @@ func testReleaseReattach(t *testing.T) {
 	if err := unix.Unmount(mnt, 0); err != nil {
 		t.Fatal(err)
 	}
-	guestRun(t, "e2fsck", "-fn", dev)
+	testcmd.Combined(t, "e2fsck", "-fn", dev)
 	if err := v2.Close(ctx); err != nil {
 		t.Fatal(err)
 	}

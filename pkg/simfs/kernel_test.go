@@ -5,9 +5,9 @@ import (
 	"encoding/csv"
 	"errors"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -68,23 +68,14 @@ func scratchRoot(t *testing.T, fstype string, opts Options) (*Root, string) {
 	return r, mnt
 }
 
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 // reportedUsage asks the quota tools, not our code, what project p uses:
 // bytes (from the 1 KiB block count) and inodes.
 func reportedUsage(t *testing.T, fstype, mnt string, p uint32) (uint64, uint64) {
 	t.Helper()
-	run(t, "sync")
+	testcmd.Combined(t, "sync")
 	id := "#" + strconv.FormatUint(uint64(p), 10)
 	if fstype == "xfs" {
-		out := run(t, "xfs_quota", "-x", "-c", "report -p -n -b -i -N", mnt)
+		out := testcmd.Combined(t, "xfs_quota", "-x", "-c", "report -p -n -b -i -N", mnt)
 		for _, line := range strings.Split(out, "\n") {
 			f := strings.Fields(line)
 			// #ID used soft hard warn [grace] iused isoft ihard warn [grace]
@@ -94,7 +85,7 @@ func reportedUsage(t *testing.T, fstype, mnt string, p uint32) (uint64, uint64) 
 		}
 		t.Fatalf("project %d not in xfs_quota report:\n%s", p, out)
 	}
-	out := run(t, "repquota", "-P", "-n", "-O", "csv", mnt)
+	out := testcmd.Combined(t, "repquota", "-P", "-n", "-O", "csv", mnt)
 	rows, err := csv.NewReader(strings.NewReader(out)).ReadAll()
 	if err != nil || len(rows) < 1 {
 		t.Fatalf("repquota csv: %v\n%s", err, out)
@@ -155,7 +146,7 @@ func checkUsage(t *testing.T, r *Root, fstype, mnt, id string) Usage {
 	if err != nil {
 		t.Fatal(err)
 	}
-	run(t, "sync")
+	testcmd.Combined(t, "sync")
 	u, err := r.Usage(id)
 	if err != nil {
 		t.Fatal(err)
@@ -284,14 +275,14 @@ func setForeignProject(t *testing.T, fstype, dir string, p uint32) {
 	t.Helper()
 	ps := strconv.FormatUint(uint64(p), 10)
 	if fstype == "xfs" {
-		run(t, "xfs_io", "-c", "chproj "+ps, dir)
-		if out := run(t, "xfs_io", "-c", "lsproj", dir); !strings.Contains(out, "projid = "+ps) {
+		testcmd.Combined(t, "xfs_io", "-c", "chproj "+ps, dir)
+		if out := testcmd.Combined(t, "xfs_io", "-c", "lsproj", dir); !strings.Contains(out, "projid = "+ps) {
 			t.Fatalf("xfs_io lsproj: %s", out)
 		}
 		return
 	}
-	run(t, "chattr", "-p", ps, dir)
-	if out := run(t, "lsattr", "-pd", dir); !strings.HasPrefix(strings.TrimSpace(out), ps+" ") {
+	testcmd.Combined(t, "chattr", "-p", ps, dir)
+	if out := testcmd.Combined(t, "lsattr", "-pd", dir); !strings.HasPrefix(strings.TrimSpace(out), ps+" ") {
 		t.Fatalf("lsattr -p: %s", out)
 	}
 }
@@ -301,11 +292,11 @@ func setForeignProject(t *testing.T, fstype, dir string, p uint32) {
 func projectOf(t *testing.T, fstype, dir string) (string, bool) {
 	t.Helper()
 	if fstype == "xfs" {
-		proj := run(t, "xfs_io", "-c", "lsproj", dir)
-		attr := run(t, "xfs_io", "-c", "lsattr", dir)
+		proj := testcmd.Combined(t, "xfs_io", "-c", "lsproj", dir)
+		attr := testcmd.Combined(t, "xfs_io", "-c", "lsattr", dir)
 		return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(proj), "projid =")), strings.Contains(strings.Fields(attr)[0], "P")
 	}
-	f := strings.Fields(run(t, "lsattr", "-pd", dir))
+	f := strings.Fields(testcmd.Combined(t, "lsattr", "-pd", dir))
 	return f[0], strings.Contains(f[1], "P")
 }
 
@@ -320,9 +311,9 @@ func testRestart(t *testing.T, fstype string) {
 	}
 	setForeignProject(t, fstype, foreign, first+1)
 	if fstype == "xfs" {
-		run(t, "xfs_quota", "-x", "-c", fmt.Sprintf("limit -p bhard=1m %d", first+3), mnt)
+		testcmd.Combined(t, "xfs_quota", "-x", "-c", fmt.Sprintf("limit -p bhard=1m %d", first+3), mnt)
 	} else {
-		run(t, "setquota", "-P", strconv.Itoa(first+3), "0", "1024", "0", "0", mnt)
+		testcmd.Combined(t, "setquota", "-P", strconv.Itoa(first+3), "0", "1024", "0", "0", mnt)
 	}
 
 	a, err := r.Create("a", 1<<20, 10)
@@ -442,7 +433,7 @@ func testSafeDelete(t *testing.T, fstype string) {
 		t.Fatal(err)
 	}
 	// A mount inside the volume is refused, never emptied.
-	run(t, "mount", "-t", "tmpfs", "tmpfs", filepath.Join(v.Path, "sub", "mnt"))
+	testcmd.Combined(t, "mount", "-t", "tmpfs", "tmpfs", filepath.Join(v.Path, "sub", "mnt"))
 	if err := os.WriteFile(filepath.Join(v.Path, "sub", "mnt", "other-fs"), []byte("x"), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -452,7 +443,7 @@ func testSafeDelete(t *testing.T, fstype string) {
 	if _, err := os.Stat(filepath.Join(v.Path, "sub", "mnt", "other-fs")); err != nil {
 		t.Errorf("file on the mounted filesystem: %v", err)
 	}
-	run(t, "umount", filepath.Join(v.Path, "sub", "mnt"))
+	testcmd.Combined(t, "umount", filepath.Join(v.Path, "sub", "mnt"))
 	if err := r.Delete("vol"); err != nil {
 		t.Fatal(err)
 	}
@@ -486,10 +477,10 @@ func testSnapshotRestore(t *testing.T, fstype string) {
 	if _, err := r.Snapshot("snap", "src"); err != nil {
 		t.Fatal(err)
 	}
-	reflink := fstype == "xfs" && strings.Contains(run(t, "xfs_info", mnt), "reflink=1")
+	reflink := fstype == "xfs" && strings.Contains(testcmd.Combined(t, "xfs_info", mnt), "reflink=1")
 	t.Logf("%s: reflink %v", fstype, reflink)
 	if reflink {
-		out := run(t, "filefrag", "-v", filepath.Join(r.Path(), snapshotsDir, "snap", "big"))
+		out := testcmd.Combined(t, "filefrag", "-v", filepath.Join(r.Path(), snapshotsDir, "snap", "big"))
 		if !strings.Contains(out, "shared") {
 			t.Errorf("xfs with reflink: snapshot data not shared:\n%s", out)
 		}
@@ -538,20 +529,20 @@ func testSnapshotRestore(t *testing.T, fstype string) {
 func testRefuseWithoutQuota(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "img")
-	run(t, "truncate", "-s", "64M", img)
-	run(t, "mkfs.ext4", "-q", "-O", "quota,project", img)
+	testcmd.Combined(t, "truncate", "-s", "64M", img)
+	testcmd.Combined(t, "mkfs.ext4", "-q", "-O", "quota,project", img)
 	mnt := filepath.Join(dir, "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	run(t, "mount", "-o", "loop", img, mnt)
-	defer run(t, "umount", mnt)
+	testcmd.Combined(t, "mount", "-o", "loop", img, mnt)
+	defer testcmd.Combined(t, "umount", mnt)
 	tmpfs := filepath.Join(dir, "tmpfs")
 	if err := os.Mkdir(tmpfs, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	run(t, "mount", "-t", "tmpfs", "tmpfs", tmpfs)
-	defer run(t, "umount", tmpfs)
+	testcmd.Combined(t, "mount", "-t", "tmpfs", "tmpfs", tmpfs)
+	defer testcmd.Combined(t, "umount", tmpfs)
 	for _, root := range []string{mnt, tmpfs} {
 		r, err := Open(root, Options{})
 		if err != nil {

@@ -3,9 +3,9 @@
 package e2e
 
 import (
-	"context"
 	"errors"
 	"fmt"
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -37,7 +37,7 @@ func TestKernel(t *testing.T) {
 func testQemuNBDParallelsExt4(t *testing.T) {
 	dir := t.TempDir()
 	img := filepath.Join(dir, "disk.hds")
-	run(t, "qemu-img", "create", "-q", "-f", "parallels", img, "256M")
+	testcmd.Run(t, "qemu-img", "create", "-q", "-f", "parallels", img, "256M")
 
 	const dev = "/dev/nbd0"
 	// -v keeps qemu-nbd in the foreground so the test owns and reaps it.
@@ -58,7 +58,7 @@ func testQemuNBDParallelsExt4(t *testing.T) {
 			<-exited
 		}
 	})
-	waitFor(t, 30*time.Second, func() (bool, error) {
+	testcmd.WaitFor(t, 30*time.Second, "nbd0 connected with 256 MiB", func() (bool, error) {
 		select {
 		case <-exited:
 			return false, fmt.Errorf("qemu-nbd exited before connecting: %v", srvErr)
@@ -70,9 +70,9 @@ func testQemuNBDParallelsExt4(t *testing.T) {
 		}
 		size, err := os.ReadFile("/sys/block/nbd0/size")
 		return err == nil && strings.TrimSpace(string(size)) == strconv.Itoa(256<<20/512), nil
-	}, "nbd0 connected with 256 MiB")
+	})
 
-	run(t, "mkfs.ext4", "-q", "-F", dev)
+	testcmd.Run(t, "mkfs.ext4", "-q", "-F", dev)
 	mnt := filepath.Join(dir, "mnt")
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
@@ -87,7 +87,7 @@ func testQemuNBDParallelsExt4(t *testing.T) {
 	if err := syscall.Unmount(mnt, 0); err != nil {
 		t.Fatalf("unmount: %v", err)
 	}
-	run(t, "qemu-nbd", "--disconnect", dev)
+	testcmd.Run(t, "qemu-nbd", "--disconnect", dev)
 	select {
 	case <-exited:
 		if srvErr != nil {
@@ -97,13 +97,13 @@ func testQemuNBDParallelsExt4(t *testing.T) {
 		t.Fatal("qemu-nbd still running 30s after disconnect")
 	}
 
-	out := run(t, "qemu-img", "check", "-f", "parallels", img)
+	out := testcmd.Run(t, "qemu-img", "check", "-f", "parallels", img)
 	if !strings.Contains(out, "No errors were found") {
 		t.Fatalf("qemu-img check: %s", out)
 	}
 	// The file system is really in the image: read it back without the kernel.
-	run(t, "qemu-img", "convert", "-f", "parallels", "-O", "raw", img, filepath.Join(dir, "disk.raw"))
-	out = run(t, "debugfs", "-R", "cat /file", filepath.Join(dir, "disk.raw"))
+	testcmd.Run(t, "qemu-img", "convert", "-f", "parallels", "-O", "raw", img, filepath.Join(dir, "disk.raw"))
+	out = testcmd.Run(t, "debugfs", "-R", "cat /file", filepath.Join(dir, "disk.raw"))
 	if out != string(data) {
 		t.Fatalf("file read back from the image differs (%d bytes, want %d)", len(out), len(data))
 	}
@@ -124,8 +124,8 @@ func testProjectQuota(t *testing.T, fstype string, sizeMiB int, wantErr syscall.
 	if err := os.Chown(dir, vmtest.UnprivilegedUID, vmtest.UnprivilegedGID); err != nil {
 		t.Fatal(err)
 	}
-	run(t, "chattr", "+P", "-p", strconv.Itoa(projID), dir)
-	run(t, "setquota", "-P", strconv.Itoa(projID), "0", strconv.Itoa(limit/1024), "0", "0", mnt)
+	testcmd.Run(t, "chattr", "+P", "-p", strconv.Itoa(projID), dir)
+	testcmd.Run(t, "setquota", "-P", strconv.Itoa(projID), "0", strconv.Itoa(limit/1024), "0", "0", mnt)
 
 	written, err := writeAsUnprivileged(t, filepath.Join(dir, "user.dat"), 10<<20)
 	if !errors.Is(err, wantErr) {
@@ -144,7 +144,7 @@ func testProjectQuota(t *testing.T, fstype string, sizeMiB int, wantErr syscall.
 		t.Fatalf("root write of 10 MiB over the project limit: wrote %d bytes, err %v; %s limits root too, want %v", n, err, fstype, wantErr)
 	}
 	t.Logf("%s: root wrote %d bytes past the limit, err %v", fstype, n, err)
-	out := run(t, "repquota", "-P", "-n", mnt)
+	out := testcmd.Run(t, "repquota", "-P", "-n", mnt)
 	if !strings.Contains(out, "#"+strconv.Itoa(projID)) {
 		t.Fatalf("repquota does not list project %d:\n%s", projID, out)
 	}
@@ -154,8 +154,7 @@ func testProjectQuota(t *testing.T, fstype string, sizeMiB int, wantErr syscall.
 // to write n bytes to path; it returns what the child wrote and its error.
 func writeAsUnprivileged(t *testing.T, path string, n int) (int, error) {
 	t.Helper()
-	cmd := exec.Command(os.Args[0], "-test.run", "^TestWriterHelper$")
-	cmd.Env = append(os.Environ(), "E2E_WRITER_PATH="+path, "E2E_WRITER_SIZE="+strconv.Itoa(n))
+	cmd := testcmd.Child("TestWriterHelper", "E2E_WRITER_PATH="+path, "E2E_WRITER_SIZE="+strconv.Itoa(n))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: vmtest.UnprivilegedUID, Gid: vmtest.UnprivilegedGID}}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -221,41 +220,6 @@ func writeFile(path string, size int) (int, error) {
 		return written, err
 	}
 	return written, f.Close()
-}
-
-func run(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, name, args...)
-	var stderr strings.Builder
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("%s %s: %v\nstdout: %s\nstderr: %s", name, strings.Join(args, " "), err, out, stderr.String())
-	}
-	return string(out)
-}
-
-// waitFor polls cond until it holds, fails, or the timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, cond func() (bool, error), what string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		ok, err := cond()
-		if err != nil {
-			t.Fatalf("waiting for %s: %v", what, err)
-		}
-		if ok {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: not within %v", what, timeout)
-		}
-		<-tick.C
-	}
 }
 
 // testWriter logs a child's output lines through t.
