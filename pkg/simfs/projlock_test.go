@@ -314,3 +314,53 @@ func TestSharedFilesystemProjectIDs(t *testing.T) {
 		}
 	}
 }
+
+// TestRetriedDeleteKeepsOthersLimits: a Delete that fails after removing the
+// tree (here: the registry cannot be saved) and is retried later must not
+// clear the limits of a volume that another root on the filesystem made in
+// between. The ID stays claimed until the registry entry is gone.
+func TestRetriedDeleteKeepsOthersLimits(t *testing.T) {
+	q := newFakeQuota()
+	fs := t.TempDir()
+	var roots []*Root
+	for _, name := range []string{"a", "b"} {
+		dir := filepath.Join(fs, name)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		roots = append(roots, openFake(t, dir, q))
+	}
+	a, b := roots[0], roots[1]
+	v, err := a.Create("v", 1<<20, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A directory where the registry's temporary file goes makes every
+	// registry save of a fail.
+	block := filepath.Join(a.Path(), metaDir, registryFile+".tmp")
+	if err := os.Mkdir(block, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Delete("v"); err == nil {
+		t.Fatal("Delete with an unwritable registry succeeded")
+	}
+	if err := os.Remove(block); err != nil {
+		t.Fatal(err)
+	}
+	w, err := b.Create("w", 2<<20, 20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Delete("v"); err != nil {
+		t.Fatalf("retried Delete: %v", err)
+	}
+	if w.Project == v.Project {
+		t.Errorf("w got project %d while the interrupted Delete of v still held it", w.Project)
+	}
+	if got := q.limits[w.Project]; got != [2]uint64{w.Bytes, w.Inodes} {
+		t.Errorf("w's limits %v after the retried Delete of v, want %d bytes %d inodes", got, w.Bytes, w.Inodes)
+	}
+	if _, ok := q.limits[v.Project]; ok && v.Project != w.Project {
+		t.Errorf("v's limits survive its Delete")
+	}
+}
