@@ -29,7 +29,7 @@ const (
 // file descriptors handed to the child (fd 3, 4, ...), so the child needs no
 // search permission on the directories above the volumes.
 type childOp struct {
-	Op    string // write, create, link, rename, create-volume
+	Op    string // write, create, link, rename, create-volume, umount
 	Dir   int
 	Name  string
 	Dir2  int
@@ -121,6 +121,10 @@ func runChildOp(op childOp) childResult {
 		}
 	case "rename":
 		if err := unix.Renameat(dir, op.Name, dir2, op.Name2); err != nil {
+			return fail(err)
+		}
+	case "umount": // in a child started in its own mount namespace
+		if err := unix.Unmount(op.Root, 0); err != nil {
 			return fail(err)
 		}
 	case "create-volume":

@@ -9,13 +9,32 @@
 //	volumes/<id>/         one directory per volume, FS_XFLAG_PROJINHERIT + its project ID
 //	snapshots/<id>/       full copies of volume trees (reflinked where possible)
 //
+// and at the root of the filesystem, shared by every root on it:
+//
+//	.simfs-projects.lock  flock serialising project-ID allocation
+//
 // Each volume owns a project ID that is recorded in the registry before the
 // directory is made, so IDs survive restarts. IDs are allocated from a
 // monotonically increasing counter that is never rewound (a released ID is never
-// handed out again) and every candidate is checked against the project IDs the
-// filesystem already accounts for (quota enumeration) and those set on existing
-// volume directories, so IDs set by other tools (chattr -p, xfs_io) are not
-// reused either (kubernetes#79440).
+// handed out again by the same root) and every candidate is checked against the
+// project IDs the filesystem already accounts for (quota enumeration) and those
+// set on existing volume directories, so IDs set by other tools (chattr -p,
+// xfs_io) are not reused either (kubernetes#79440).
+//
+// Project IDs belong to the filesystem, not to a root, and other roots on the
+// filesystem see an ID only through the quota. So an ID is chosen and claimed
+// (its limits set, which makes the quota list it) under a lock shared by every
+// root on the filesystem: an flock on .simfs-projects.lock (mode 0600, so no
+// other user can hold it) at the filesystem's root, found through
+// /proc/self/mountinfo and checked by mount ID and st_dev. Only then is the ID
+// recorded. A read-only mount of the root can still be locked once the file
+// exists. When only bind mounts of parts of the filesystem are visible (a
+// container), the lock file goes to the shallowest visible directory, which
+// serialises only with roots reached through that same directory; the first
+// Create logs this. Delete removes the registry entry before it clears the limits, so a
+// retried Delete never clears the limits of the ID's next owner. An ID whose
+// volume was deleted may be handed out again by another root on the
+// filesystem (the quota no longer lists it), never by the root that deleted it.
 //
 // Limits are byte and inode hard limits set with quotactl_fd(2). Usage comes from
 // the quota itself, so it is exact and costs no tree walk. Root (CAP_SYS_RESOURCE)

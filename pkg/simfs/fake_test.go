@@ -10,7 +10,11 @@ import (
 // fakeQuota stands in for the kernel on hosts without project quota. It keeps
 // project IDs by inode and limits in memory; it tests the logic above the
 // kernel (allocation, registry, idempotency), never quota enforcement itself.
+// Roots sharing one fakeQuota model roots on one filesystem.
 type fakeQuota struct {
+	// fsRoot stands in for the filesystem's root directory, where the
+	// allocation lock lives; openFake sets it.
+	fsRoot    string
 	mu        sync.Mutex
 	notEnfErr error
 	projects  map[[2]uint64]uint32 // (dev, ino) → project

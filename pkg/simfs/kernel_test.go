@@ -35,11 +35,13 @@ func TestKernel(t *testing.T) {
 			{"Restart", testRestart},
 			{"SafeDelete", testSafeDelete},
 			{"SnapshotRestore", testSnapshotRestore},
+			{"SharedFilesystem", testSharedFilesystem},
 		} {
 			cases = append(cases, vmtest.Case{Name: c.name + "_" + fstype, Run: func(t *testing.T) { c.run(t, fstype) }})
 		}
 	}
-	cases = append(cases, vmtest.Case{Name: "RefuseWithoutQuota", Run: testRefuseWithoutQuota})
+	cases = append(cases, vmtest.Case{Name: "RefuseWithoutQuota", Run: testRefuseWithoutQuota},
+		vmtest.Case{Name: "ReadOnlyFilesystemRoot", Run: testReadOnlyFilesystemRoot})
 	vmtest.Run(t, vmtest.Options{}, cases)
 }
 
@@ -555,4 +557,247 @@ func testRefuseWithoutQuota(t *testing.T) {
 		}
 		r.Close()
 	}
+}
+
+// testSharedFilesystem: two roots on one filesystem, one reached through the
+// filesystem's own mount and one through a bind mount of a subdirectory,
+// create volumes at the same time from goroutines (each root its own Root)
+// and from child processes, round after round. No two volumes anywhere on
+// the filesystem share a project ID: the filesystem's tools show each
+// volume directory with its recorded ID, and the quota charges each ID one
+// inode (the directory) under that volume's own limits.
+func testSharedFilesystem(t *testing.T, fstype string) {
+	rounds, workers, perWorker, perChild := 3, 3, 3, 4
+	if testing.Short() {
+		rounds = 1
+	}
+	mnt := vmtest.ScratchFS(t, fstype, 256)
+	a, sub := filepath.Join(mnt, "a"), filepath.Join(mnt, "sub")
+	bind := filepath.Join(t.TempDir(), "bind")
+	for _, d := range []string{a, sub, bind} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, "mount", "--bind", sub, bind)
+	t.Cleanup(func() { run(t, "umount", bind) })
+	paths := []string{a, bind}
+	bin := guestChild.get(t)
+	want := 0
+	for round := range rounds {
+		var wg sync.WaitGroup
+		errs := make(chan error, len(paths)*workers)
+		var lists [][]childOp
+		for ri, p := range paths {
+			r, err := Open(p, Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r.Close()
+			for w := range workers {
+				wg.Go(func() {
+					for i := range perWorker {
+						// Distinct limits per volume, so a shared ID shows as wrong limits too.
+						n := uint64(round*100 + w*10 + i + 1)
+						if _, err := r.Create(fmt.Sprintf("r%d-g%d-%d", round, w, i), n<<20, 10*n+uint64(ri)); err != nil {
+							errs <- err
+							return
+						}
+					}
+				})
+			}
+			var ops []childOp
+			for i := range perChild {
+				n := int64(round*100 + 50 + i)
+				ops = append(ops, childOp{Op: "create-volume", Root: p, Name: fmt.Sprintf("r%d-c-%d", round, i), Bytes: n << 20, Count: int(10*n) + ri, First: DefaultFirstProjectID})
+			}
+			lists = append(lists, ops)
+			want += workers*perWorker + perChild
+		}
+		results := runChildrenAtOnce(t, bin, lists...)
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
+		for i, res := range results {
+			for j, c := range res {
+				if c.Errno != "" {
+					t.Fatalf("round %d child %d create %d: %+v", round, i, j, c)
+				}
+			}
+		}
+	}
+
+	var vols []Volume
+	for _, p := range paths {
+		r, err := Open(p, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		l, err := r.List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		vols = append(vols, l...)
+	}
+	if len(vols) != want {
+		t.Fatalf("%d volumes, want %d", len(vols), want)
+	}
+	owner := map[uint32]string{}
+	var dirs []string
+	for _, v := range vols {
+		if other, dup := owner[v.Project]; dup {
+			t.Errorf("%s and %s share project ID %d", other, v.Path, v.Project)
+		}
+		owner[v.Project] = v.Path
+		dirs = append(dirs, v.Path)
+	}
+	onDisk := projectsOf(t, dirs)
+	quota := quotaReport(t, fstype, mnt)
+	for _, v := range vols {
+		if p := onDisk[v.Path]; p != v.Project {
+			t.Errorf("%s: the filesystem says project %d, the registry %d", v.Path, p, v.Project)
+		}
+		q, ok := quota[v.Project]
+		if !ok {
+			t.Errorf("%s: project %d not in the quota report", v.Path, v.Project)
+			continue
+		}
+		if q.inodes != 1 || q.bytesLimit != v.Bytes || q.inodesLimit != v.Inodes {
+			t.Errorf("%s: project %d has %d inodes under limits of %d bytes, %d inodes; want 1 inode (its directory) under %d bytes, %d inodes",
+				v.Path, v.Project, q.inodes, q.bytesLimit, q.inodesLimit, v.Bytes, v.Inodes)
+		}
+	}
+	// The lock is at the filesystem's root for both roots, the one behind the
+	// bind mount included.
+	fi, err := os.Lstat(filepath.Join(mnt, projectLockFile))
+	if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm() != 0o600 {
+		t.Errorf("lock file at the filesystem's root: %v, %v", fi, err)
+	}
+	if _, err := os.Lstat(filepath.Join(bind, projectLockFile)); !os.IsNotExist(err) {
+		t.Errorf("lock file at the bind mount's root: %v", err)
+	}
+	t.Logf("%s: %d volumes in 2 roots over %d rounds, %d distinct project IDs", fstype, len(vols), rounds, len(owner))
+
+	// A process that sees only the bind mount (a container with a hostPath)
+	// falls back to a lock file at the root of what it sees, and its ID still
+	// avoids every ID the quota lists.
+	cmd := childCommand(t, bin, nil, nil, []childOp{
+		{Op: "umount", Root: mnt},
+		{Op: "create-volume", Root: bind, Name: "partial", Bytes: 1 << 20, Count: 10, First: DefaultFirstProjectID},
+	})
+	cmd.SysProcAttr.Unshareflags = syscall.CLONE_NEWNS // Go makes the new namespace's mounts private
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("child in its own mount namespace: %v", err)
+	}
+	res := decodeChildOutput(t, out, 2)
+	if res[0].Errno != "" || res[1].Errno != "" {
+		t.Fatalf("child in its own mount namespace: %+v", res)
+	}
+	if other, dup := owner[res[1].Project]; dup {
+		t.Errorf("volume made behind the bind mount only got project %d, already %s's", res[1].Project, other)
+	}
+	if fi, err := os.Lstat(filepath.Join(sub, projectLockFile)); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("fallback lock file at the bind mount's root: %v, %v", fi, err)
+	}
+}
+
+// projectsOf reads the project IDs of dirs with lsattr (FS_IOC_FSGETXATTR,
+// which ext4 and xfs both implement).
+func projectsOf(t *testing.T, dirs []string) map[string]uint32 {
+	t.Helper()
+	out := run(t, "lsattr", append([]string{"-pd"}, dirs...)...)
+	got := map[string]uint32{}
+	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(line)
+		if len(f) != 3 {
+			t.Fatalf("lsattr line %q", line)
+		}
+		got[f[2]] = uint32(mustUint(t, f[0]))
+	}
+	return got
+}
+
+type quotaRow struct{ bytes, inodes, bytesLimit, inodesLimit uint64 }
+
+// quotaReport is every project the quota tools report with usage, keyed by ID.
+func quotaReport(t *testing.T, fstype, mnt string) map[uint32]quotaRow {
+	t.Helper()
+	run(t, "sync")
+	rows := map[uint32]quotaRow{}
+	if fstype == "xfs" {
+		out := run(t, "xfs_quota", "-x", "-c", "report -p -n -b -i -N", mnt)
+		for _, line := range strings.Split(out, "\n") {
+			// #ID used soft hard warn [grace] iused isoft ihard warn [grace]
+			f := strings.Fields(line)
+			if len(f) >= 9 && strings.HasPrefix(f[0], "#") && strings.HasPrefix(f[5], "[") {
+				rows[uint32(mustUint(t, f[0][1:]))] = quotaRow{mustUint(t, f[1]) * 1024, mustUint(t, f[6]), mustUint(t, f[3]) * 1024, mustUint(t, f[8])}
+			}
+		}
+		return rows
+	}
+	out := run(t, "repquota", "-P", "-n", "-O", "csv", mnt)
+	recs, err := csv.NewReader(strings.NewReader(out)).ReadAll()
+	if err != nil || len(recs) < 1 {
+		t.Fatalf("repquota csv: %v\n%s", err, out)
+	}
+	col := map[string]int{}
+	for i, h := range recs[0] {
+		col[h] = i
+	}
+	for _, rec := range recs[1:] {
+		rows[uint32(mustUint(t, strings.TrimPrefix(rec[col["Name"]], "#")))] = quotaRow{
+			mustUint(t, rec[col["BlockUsed"]]) * 1024, mustUint(t, rec[col["FileUsed"]]),
+			mustUint(t, rec[col["BlockHardLimit"]]) * 1024, mustUint(t, rec[col["FileHardLimit"]]),
+		}
+	}
+	return rows
+}
+
+// testReadOnlyFilesystemRoot: the filesystem's root is visible only through
+// a read-only mount while the simfs root is on a writable bind mount. Without
+// a lock file Create fails with EROFS and changes nothing; once the file
+// exists (made while the mount was writable) the read-only mount serves.
+func testReadOnlyFilesystemRoot(t *testing.T) {
+	mnt := vmtest.ScratchFS(t, "ext4", 64)
+	sub := filepath.Join(mnt, "sub")
+	bind := filepath.Join(t.TempDir(), "bind")
+	for _, d := range []string{sub, bind} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, "mount", "--bind", sub, bind)
+	t.Cleanup(func() { run(t, "umount", bind) })
+	r, err := Open(bind, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	run(t, "mount", "-o", "remount,bind,ro", mnt)
+	if _, err := r.Create("v1", 1<<20, 10); !errors.Is(err, unix.EROFS) {
+		t.Fatalf("Create with a read-only filesystem root and no lock file = %v, want EROFS", err)
+	} else {
+		t.Logf("refused: %v", err)
+	}
+	if vols, err := r.List(); err != nil || len(vols) != 0 {
+		t.Fatalf("after the refused Create: %+v, %v", vols, err)
+	}
+	run(t, "mount", "-o", "remount,bind,rw", mnt)
+	v1, err := r.Create("v1", 1<<20, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, "mount", "-o", "remount,bind,ro", mnt)
+	v2, err := r.Create("v2", 1<<20, 10)
+	if err != nil {
+		t.Fatalf("Create with a read-only filesystem root and an existing lock file: %v", err)
+	}
+	if v1.Project == v2.Project {
+		t.Fatalf("v1 and v2 share project %d", v1.Project)
+	}
+	run(t, "mount", "-o", "remount,bind,rw", mnt) // for ScratchFS's cleanup
 }

@@ -32,7 +32,9 @@ type Options struct {
 }
 
 // Root is an open simfs storage root. It is safe for concurrent use; distinct
-// processes sharing a root serialise registry updates with a file lock.
+// processes sharing a root serialise registry updates with a file lock, and
+// all roots on one filesystem serialise project-ID allocation with a lock file
+// at the filesystem's root.
 type Root struct {
 	path      string
 	fd        int      // the root directory
@@ -41,6 +43,7 @@ type Root struct {
 	lock      *os.File // root/.simfs/lock, flocked around registry updates
 	quota     quotaFS
 	first     uint32
+	plock     projectLock // filesystem-wide, around project-ID allocation
 
 	mu  sync.Mutex // in-process half of the registry lock
 	ids keyLocks
@@ -77,10 +80,12 @@ type Snapshot struct {
 // and snapshots stay manageable; QuotaEnforced reports the state and Create
 // and Restore refuse to run without enforcement.
 func Open(path string, opts Options) (*Root, error) {
-	return open(path, opts, nil)
+	return open(path, opts, nil, "")
 }
 
-func open(path string, opts Options, q quotaFS) (*Root, error) {
+// open is Open with the kernel's quota replaced by q and the filesystem's
+// root (where the allocation lock lives) by fsRoot, when they are set.
+func open(path string, opts Options, q quotaFS, fsRoot string) (*Root, error) {
 	if !filepath.IsAbs(path) || filepath.Clean(path) != path {
 		return nil, fmt.Errorf("open simfs root %q: path must be absolute and clean: %w", path, ErrInvalid)
 	}
@@ -89,6 +94,7 @@ func open(path string, opts Options, q quotaFS) (*Root, error) {
 		return nil, fmt.Errorf("open simfs root %s: %w", path, err)
 	}
 	r := &Root{path: path, fd: fd, quota: q, first: opts.FirstProjectID}
+	r.plock.fsRoot = fsRoot
 	if r.first == 0 {
 		r.first = DefaultFirstProjectID
 	}
@@ -104,6 +110,7 @@ func (r *Root) init() error {
 	if err != nil {
 		return err
 	}
+	r.plock.dev = st.dev
 	if r.quota == nil {
 		kq, err := newKernelQuota(r.fd)
 		if err != nil {
@@ -242,7 +249,7 @@ func (r *Root) create(id string, bytes, inodes uint64, source string) (Volume, e
 			rec = *v
 			return false, nil
 		}
-		p, err := r.allocate(reg)
+		p, err := r.claimProject(reg, bytes, inodes)
 		if err != nil {
 			return false, err
 		}
@@ -283,6 +290,29 @@ func (r *Root) create(id string, bytes, inodes uint64, source string) (Volume, e
 	}
 	klog.V(2).InfoS("simfs volume created", "root", r.path, "volume", id, "project", rec.Project, "bytes", bytes, "inodes", inodes, "source", source)
 	return r.volume(id, &rec), nil
+}
+
+// claimProject allocates a project ID for a volume with the given limits and
+// sets those limits before the caller records the ID. Other roots on the
+// filesystem learn of the ID only from the quota, which lists IDs with limits
+// or usage; so the choice and the limits happen under the filesystem-wide
+// lock, and the ID is never in a registry without being visible in the quota.
+// A crash after the limits are set and before the registry is saved leaks the
+// ID (nobody allocates it again), which is harmless.
+func (r *Root) claimProject(reg *registry, bytes, inodes uint64) (uint32, error) {
+	unlock, err := r.plock.lock(r.path)
+	if err != nil {
+		return 0, err
+	}
+	defer unlock()
+	p, err := r.allocate(reg)
+	if err != nil {
+		return 0, err
+	}
+	if err := r.quota.setLimits(p, bytes, inodes); err != nil {
+		return 0, fmt.Errorf("claim project ID %d: %w", p, err)
+	}
+	return p, nil
 }
 
 // allocate picks the next project ID that no recorded volume, no existing
@@ -476,8 +506,8 @@ func (r *Root) List() ([]Volume, error) {
 }
 
 // Delete removes volume id: its tree (never following symlinks out of it),
-// its limits, and its registry entry. The project ID is not reused. Deleting
-// a missing volume succeeds.
+// its registry entry, and its limits. This root never hands the project ID
+// out again. Deleting a missing volume succeeds.
 func (r *Root) Delete(id string) error {
 	if err := r.delete(id); err != nil {
 		return fmt.Errorf("delete volume %q: %w", id, err)
@@ -503,17 +533,21 @@ func (r *Root) delete(id string) error {
 	if err := removeTree(int(r.volumes.Fd()), id); err != nil {
 		return err
 	}
+	// The entry goes before the limits: once the limits are cleared, another
+	// root on the filesystem may claim the ID, and a retried Delete that still
+	// found the entry would clear the limits of the ID's new owner. A crash in
+	// between leaves the limits set, and the ID simply stays unused.
+	if err := r.update(func(reg *registry) (bool, error) {
+		delete(reg.Volumes, id)
+		return true, nil
+	}); err != nil {
+		return err
+	}
 	if err := r.quota.setLimits(rec.Project, 0, 0); err != nil {
 		return err
 	}
-	err := r.update(func(reg *registry) (bool, error) {
-		delete(reg.Volumes, id)
-		return true, nil
-	})
-	if err == nil {
-		klog.V(2).InfoS("simfs volume deleted", "root", r.path, "volume", id, "project", rec.Project)
-	}
-	return err
+	klog.V(2).InfoS("simfs volume deleted", "root", r.path, "volume", id, "project", rec.Project)
+	return nil
 }
 
 // Snapshot copies the tree of volume source into snapshot id. The copy is

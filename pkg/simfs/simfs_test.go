@@ -13,7 +13,10 @@ import (
 
 func openFake(t *testing.T, dir string, q *fakeQuota) *Root {
 	t.Helper()
-	r, err := open(dir, Options{FirstProjectID: 1000}, q)
+	if q.fsRoot == "" {
+		q.fsRoot = t.TempDir()
+	}
+	r, err := open(dir, Options{FirstProjectID: 1000}, q, q.fsRoot)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -30,7 +33,7 @@ func TestOpenValidatesPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, p := range []string{"", "relative", dir + "/", dir + "/../" + filepath.Base(dir), dir + "/link", dir + "/file", dir + "/missing"} {
-		if r, err := open(p, Options{}, newFakeQuota()); err == nil {
+		if r, err := open(p, Options{}, newFakeQuota(), ""); err == nil {
 			r.Close()
 			t.Errorf("Open(%q) succeeded", p)
 		}
@@ -382,7 +385,7 @@ func TestDamagedRegistryFailsOpen(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, metaDir, registryFile), []byte("{garbage"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := open(dir, Options{}, newFakeQuota()); err == nil {
+	if r, err := open(dir, Options{}, newFakeQuota(), ""); err == nil {
 		r.Close()
 		t.Fatal("Open with a damaged registry succeeded")
 	}
