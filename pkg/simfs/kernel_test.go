@@ -579,8 +579,8 @@ func testSharedFilesystem(t *testing.T, fstype string) {
 			t.Fatal(err)
 		}
 	}
-	run(t, "mount", "--bind", sub, bind)
-	t.Cleanup(func() { run(t, "umount", bind) })
+	testcmd.Combined(t, "mount", "--bind", sub, bind)
+	t.Cleanup(func() { testcmd.Combined(t, "umount", bind) })
 	paths := []string{a, bind}
 	bin := guestChild.get(t)
 	want := 0
@@ -709,7 +709,7 @@ func testSharedFilesystem(t *testing.T, fstype string) {
 // which ext4 and xfs both implement).
 func projectsOf(t *testing.T, dirs []string) map[string]uint32 {
 	t.Helper()
-	out := run(t, "lsattr", append([]string{"-pd"}, dirs...)...)
+	out := testcmd.Combined(t, "lsattr", append([]string{"-pd"}, dirs...)...)
 	got := map[string]uint32{}
 	for _, line := range strings.Split(strings.TrimSpace(out), "\n") {
 		f := strings.Fields(line)
@@ -726,10 +726,10 @@ type quotaRow struct{ bytes, inodes, bytesLimit, inodesLimit uint64 }
 // quotaReport is every project the quota tools report with usage, keyed by ID.
 func quotaReport(t *testing.T, fstype, mnt string) map[uint32]quotaRow {
 	t.Helper()
-	run(t, "sync")
+	testcmd.Combined(t, "sync")
 	rows := map[uint32]quotaRow{}
 	if fstype == "xfs" {
-		out := run(t, "xfs_quota", "-x", "-c", "report -p -n -b -i -N", mnt)
+		out := testcmd.Combined(t, "xfs_quota", "-x", "-c", "report -p -n -b -i -N", mnt)
 		for _, line := range strings.Split(out, "\n") {
 			// #ID used soft hard warn [grace] iused isoft ihard warn [grace]
 			f := strings.Fields(line)
@@ -739,7 +739,7 @@ func quotaReport(t *testing.T, fstype, mnt string) map[uint32]quotaRow {
 		}
 		return rows
 	}
-	out := run(t, "repquota", "-P", "-n", "-O", "csv", mnt)
+	out := testcmd.Combined(t, "repquota", "-P", "-n", "-O", "csv", mnt)
 	recs, err := csv.NewReader(strings.NewReader(out)).ReadAll()
 	if err != nil || len(recs) < 1 {
 		t.Fatalf("repquota csv: %v\n%s", err, out)
@@ -770,14 +770,14 @@ func testReadOnlyFilesystemRoot(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	run(t, "mount", "--bind", sub, bind)
-	t.Cleanup(func() { run(t, "umount", bind) })
+	testcmd.Combined(t, "mount", "--bind", sub, bind)
+	t.Cleanup(func() { testcmd.Combined(t, "umount", bind) })
 	r, err := Open(bind, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer r.Close()
-	run(t, "mount", "-o", "remount,bind,ro", mnt)
+	testcmd.Combined(t, "mount", "-o", "remount,bind,ro", mnt)
 	if _, err := r.Create("v1", 1<<20, 10); !errors.Is(err, unix.EROFS) {
 		t.Fatalf("Create with a read-only filesystem root and no lock file = %v, want EROFS", err)
 	} else {
@@ -786,12 +786,12 @@ func testReadOnlyFilesystemRoot(t *testing.T) {
 	if vols, err := r.List(); err != nil || len(vols) != 0 {
 		t.Fatalf("after the refused Create: %+v, %v", vols, err)
 	}
-	run(t, "mount", "-o", "remount,bind,rw", mnt)
+	testcmd.Combined(t, "mount", "-o", "remount,bind,rw", mnt)
 	v1, err := r.Create("v1", 1<<20, 10)
 	if err != nil {
 		t.Fatal(err)
 	}
-	run(t, "mount", "-o", "remount,bind,ro", mnt)
+	testcmd.Combined(t, "mount", "-o", "remount,bind,ro", mnt)
 	v2, err := r.Create("v2", 1<<20, 10)
 	if err != nil {
 		t.Fatalf("Create with a read-only filesystem root and an existing lock file: %v", err)
@@ -799,5 +799,5 @@ func testReadOnlyFilesystemRoot(t *testing.T) {
 	if v1.Project == v2.Project {
 		t.Fatalf("v1 and v2 share project %d", v1.Project)
 	}
-	run(t, "mount", "-o", "remount,bind,rw", mnt) // for ScratchFS's cleanup
+	testcmd.Combined(t, "mount", "-o", "remount,bind,rw", mnt) // for ScratchFS's cleanup
 }
