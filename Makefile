@@ -27,10 +27,10 @@ unit:
 # concurrently, in short mode. Skipped here, run once without -race by `unit`:
 # the VM tests (TestKernel, one per package; the host tests drive the same
 # image and server code concurrently through qemu, libnbd and our own
-# clients), and TestStackCrash, which kills children running single-threaded
-# offline stack operations and keeps 32 whole stack images in memory: 10-16 GiB
-# resident under -race. Race-built children would each sleep 1 s at exit.
-RACE_PKGS := ./pkg/ploop ./pkg/nbd ./pkg/simfs
+# clients), and TestStackCrash, whose children run single-threaded offline
+# stack operations to be killed. Race-built children would each sleep 1 s
+# at exit.
+RACE_PKGS := ./pkg/ploop ./pkg/nbd ./pkg/simfs ./pkg/serving
 race:
 	GORACE=atexit_sleep_ms=0 $(GO) test -race -short -count=1 -timeout 30m \
 	  -skip '^TestKernel$$|^TestStackCrash$$' $(RACE_PKGS)
