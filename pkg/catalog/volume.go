@@ -481,12 +481,18 @@ func (c *Catalog) buildDir(d dirVolumes, rec *volumeRecord, srcSnap *snapshotRec
 }
 
 // rollbackVolume removes what a failed or interrupted creation made, then
-// its record. The caller holds the name's lock, or runs in recovery.
+// its record. The caller holds the name's lock, or runs in recovery. The
+// source's delta a clone from a volume was made from is then held by the
+// source alone: trimChain merges it.
 func (c *Catalog) rollbackVolume(r *volumeRecord) error {
+	return c.removeVolume(r, "volume-rolled-back")
+}
+
+// removeVolume removes a volume's data (and, for a simfs clone, the copy
+// it went through), then its record.
+func (c *Catalog) removeVolume(r *volumeRecord, point string) error {
 	switch r.Type {
 	case Ploop:
-		// The source's delta a clone from a volume was made from is now
-		// held by the source alone: trimChain merges it.
 		if err := removeStack(c.stackDir(r.ID)); err != nil {
 			return err
 		}
@@ -504,7 +510,7 @@ func (c *Catalog) rollbackVolume(r *volumeRecord) error {
 			}
 		}
 	}
-	c.hook("volume-rolled-back")
+	c.hook(point)
 	return c.dropVolume(r.ID)
 }
 
@@ -612,22 +618,7 @@ func (c *Catalog) deleteVolume(ctx context.Context, id string) error {
 
 // finishDeleteVolume removes a volume's data, then its record.
 func (c *Catalog) finishDeleteVolume(r *volumeRecord) error {
-	switch r.Type {
-	case Ploop:
-		if err := removeStack(c.stackDir(r.ID)); err != nil {
-			return err
-		}
-	case Simfs:
-		d, err := c.dirs()
-		if err != nil {
-			return err
-		}
-		if err := d.Delete(r.ID); err != nil {
-			return err
-		}
-	}
-	c.hook("volume-data-removed")
-	return c.dropVolume(r.ID)
+	return c.removeVolume(r, "volume-data-removed")
 }
 
 // ExpandVolume grows a volume to the capacity range (rounded as in
