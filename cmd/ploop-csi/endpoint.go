@@ -95,6 +95,9 @@ func listenUnix(path string) (l net.Listener, closeFn func() error, err error) {
 	}
 	closeFn = func() error {
 		err := ul.Close()
+		if errors.Is(err, net.ErrClosed) {
+			err = nil // the gRPC server closed it when it stopped
+		}
 		// Remove the socket only while it is the one we made: a newer
 		// instance may already have replaced it.
 		if now, serr := os.Lstat(path); serr == nil && os.SameFile(now, st) {
@@ -104,5 +107,13 @@ func listenUnix(path string) (l net.Listener, closeFn func() error, err error) {
 		}
 		return err
 	}
-	return ul, closeFn, nil
+	return renamedListener{ul, &net.UnixAddr{Name: path, Net: "unix"}}, closeFn, nil
 }
+
+// renamedListener reports the path its socket was renamed to.
+type renamedListener struct {
+	*net.UnixListener
+	addr net.Addr
+}
+
+func (l renamedListener) Addr() net.Addr { return l.addr }

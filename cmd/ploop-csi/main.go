@@ -26,7 +26,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -218,7 +217,7 @@ func serve(ctx context.Context, stop func(), o options, ver, sock string, newNod
 		return err
 	}
 	defer func() {
-		if cerr := closeLis(); cerr != nil && !errors.Is(cerr, net.ErrClosed) {
+		if cerr := closeLis(); cerr != nil {
 			err = errors.Join(err, cerr)
 		}
 	}()
