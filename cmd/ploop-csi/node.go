@@ -54,11 +54,14 @@ func errUnwired(op string) error {
 }
 
 func (unwired) Stage(ctx context.Context, req driver.StageRequest) error { return errUnwired("stage") }
-func (unwired) Unstage(ctx context.Context, id, path string) error       { return errUnwired("unstage") }
+
+// Unstage and Unpublish succeed: this build never staged or published
+// anything, and a CO's clean-up must not get stuck on it.
+func (unwired) Unstage(ctx context.Context, id, path string) error { return nil }
 func (unwired) Publish(ctx context.Context, req driver.PublishRequest) error {
 	return errUnwired("publish")
 }
-func (unwired) Unpublish(ctx context.Context, id, path string) error { return errUnwired("unpublish") }
+func (unwired) Unpublish(ctx context.Context, id, path string) error { return nil }
 func (unwired) Expand(ctx context.Context, id string, size int64, path string) (int64, error) {
 	return 0, errUnwired("expand")
 }
