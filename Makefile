@@ -13,8 +13,11 @@ CMD       ?= uname -a
 
 all: build
 
+# The version ploop-csi reports (--version, GetPluginInfo).
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo devel)
+
 build:
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/...
 
 # Everything CI proves: lint, unit + interop tests on the host, short fuzzing,
 # and the kernel-facing tests, which boot a VM from test/e2e.

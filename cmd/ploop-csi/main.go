@@ -1,0 +1,233 @@
+// Command ploop-csi is the CSI driver of ploop-csi: ploop thin volumes
+// served through the kernel's nbd driver, and simfs directory volumes with
+// project quota, from a storage root on the node.
+//
+//	ploop-csi --endpoint unix:///csi/csi.sock --nodeid NODE --storage-root DIR
+//
+// --mode all (the default) runs the identity, controller and node services
+// in one process over a local storage root: a single node, the demo and the
+// tests. --mode controller and --mode node, the halves of a cluster
+// deployment, need the Kubernetes coordination of issue 12 and are refused
+// with that message.
+//
+// Start-up order: the node's attachments first, whose restart recovery
+// re-serves the volumes attached before a restart (the kernel holds their
+// I/O meanwhile); then the catalogue; then the socket. SIGTERM or SIGINT
+// stops answering calls (those in flight get --shutdown-timeout), closes
+// the attachments without detaching anything, and removes the socket.
+//
+// Exit status: 0 after a clean shutdown or --version/--help, 1 when the
+// driver cannot start or fails, 2 for a usage error.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/ploop-csi/ploop-csi/pkg/catalog"
+	"github.com/ploop-csi/ploop-csi/pkg/driver"
+)
+
+const (
+	exitOK    = 0
+	exitFail  = 1
+	exitUsage = 2
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	code := run(ctx, stop, os.Args[1:], os.Stdout, os.Stderr, newAttachments)
+	stop()
+	klog.Flush()
+	os.Exit(code)
+}
+
+// options are the parsed flags.
+type options struct {
+	endpoint        string
+	nodeID          string
+	mode            string
+	storageRoot     string
+	driverName      string
+	kubeletDir      string
+	overcommit      float64
+	trimInterval    time.Duration
+	tidyInterval    time.Duration
+	nbdConnections  int
+	nbdTimeout      time.Duration
+	deadConnTimeout time.Duration
+	shutdownTimeout time.Duration
+	version         bool
+}
+
+func flags(o *options, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("ploop-csi", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.endpoint, "endpoint", "unix:///csi/csi.sock",
+		"CSI endpoint: a unix socket (made 0600); no network port is ever opened")
+	fs.StringVar(&o.nodeID, "nodeid", "", "this node's name, as the CO knows it (required): the topology segment "+driver.TopologyKey+" of its volumes")
+	fs.StringVar(&o.mode, "mode", string(driver.ModeAll), "services to run: all (identity, controller and node in one process), "+
+		"controller or node (need the Kubernetes coordination of issue 12; refused for now)")
+	fs.StringVar(&o.storageRoot, "storage-root", "/var/lib/ploop-csi", "storage root: an existing directory (not a symlink) that holds every volume and snapshot")
+	fs.StringVar(&o.driverName, "drivername", driver.DefaultName, "the driver's name (the CSIDriver object's)")
+	fs.StringVar(&o.kubeletDir, "kubelet-dir", "", "when set (e.g. /var/lib/kubelet), staging and target paths must lie below it; "+
+		"empty accepts any absolute path outside the storage root")
+	fs.Float64Var(&o.overcommit, "overcommit-ratio", 1.0, "thin provisioning: promise up to the root's size × this ratio (and never more than its free space × ratio) "+
+		"to volumes; 1.0 means no overcommit")
+	fs.DurationVar(&o.trimInterval, "trim-interval", time.Hour, "how often staged ploop filesystems are trimmed, so that freed space returns to the storage root; 0 turns it off")
+	fs.DurationVar(&o.tidyInterval, "tidy-interval", driver.DefaultTidyInterval, "how often merges left pending in ploop chains are retried (also once at start); 0 turns the periodic run off")
+	fs.IntVar(&o.nbdConnections, "nbd-connections", 0, "sockets per nbd device; 0 takes pkg/nbd's default (4)")
+	fs.DurationVar(&o.nbdTimeout, "nbd-timeout", 0, "the kernel's per-request nbd timeout, whole seconds; 0 takes pkg/nbd's default")
+	fs.DurationVar(&o.deadConnTimeout, "dead-conn-timeout", 0, "how long the kernel holds a device's I/O while no process serves it "+
+		"(the longest a restart of this process may take), whole seconds; 0 takes pkg/nbd's default (2m)")
+	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", driver.DefaultShutdownTimeout, "on SIGTERM, how long calls in flight may take before they are cut off")
+	fs.BoolVar(&o.version, "version", false, "print the version and exit")
+	klog.InitFlags(fs) // --v and the other klog flags
+	fs.Usage = func() {
+		fmt.Fprintf(stderr, "usage: ploop-csi --nodeid NODE [--storage-root DIR] [--endpoint unix:///csi/csi.sock] [flags]\n\n")
+		fs.PrintDefaults()
+	}
+	return fs
+}
+
+// check validates the flags that New and Open do not.
+func (o *options) check() error {
+	switch {
+	case o.nodeID == "":
+		return errors.New("--nodeid is required")
+	case !filepath.IsAbs(o.storageRoot) || filepath.Clean(o.storageRoot) != o.storageRoot:
+		return fmt.Errorf("--storage-root %q: want an absolute, clean path", o.storageRoot)
+	case o.kubeletDir != "" && (!filepath.IsAbs(o.kubeletDir) || filepath.Clean(o.kubeletDir) != o.kubeletDir):
+		return fmt.Errorf("--kubelet-dir %q: want an absolute, clean path", o.kubeletDir)
+	case o.trimInterval < 0 || o.tidyInterval < 0 || o.shutdownTimeout <= 0:
+		return errors.New("--trim-interval and --tidy-interval must not be negative, --shutdown-timeout must be positive")
+	case o.nbdConnections < 0 || o.nbdConnections > 64:
+		return fmt.Errorf("--nbd-connections %d: want 0 (the default) to 64", o.nbdConnections)
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"--nbd-timeout", o.nbdTimeout}, {"--dead-conn-timeout", o.deadConnTimeout}} {
+		if d.v < 0 || d.v%time.Second != 0 {
+			return fmt.Errorf("%s %v: want whole seconds (the kernel's unit), 0 for the default", d.name, d.v)
+		}
+	}
+	return nil
+}
+
+// run is the whole program, with its environment as arguments so that tests
+// can run it: stop is called once ctx is done (a second signal then kills
+// the process the default way).
+func run(ctx context.Context, stop func(), args []string, stdout, stderr io.Writer, newNode newNodeFunc) int {
+	var o options
+	fs := flags(&o, stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "ploop-csi: unexpected arguments %q\n", fs.Args())
+		return exitUsage
+	}
+	ver := buildVersion()
+	if o.version {
+		fmt.Fprintf(stdout, "ploop-csi %s\n", ver)
+		return exitOK
+	}
+	if err := o.check(); err != nil {
+		fmt.Fprintf(stderr, "ploop-csi: %v\n", err)
+		return exitUsage
+	}
+	sock, err := parseEndpoint(o.endpoint)
+	if err != nil {
+		fmt.Fprintf(stderr, "ploop-csi: %v\n", err)
+		return exitUsage
+	}
+	if m := driver.Mode(o.mode); m != driver.ModeAll {
+		if m == driver.ModeController || m == driver.ModeNode {
+			fmt.Fprintf(stderr, "ploop-csi: --mode %s: %v\n", m, driver.ErrModeNeedsCoordination)
+		} else {
+			fmt.Fprintf(stderr, "ploop-csi: --mode %q: want all, controller or node\n", o.mode)
+		}
+		return exitUsage
+	}
+	if err := serve(ctx, stop, o, ver, sock, newNode); err != nil {
+		fmt.Fprintf(stderr, "ploop-csi: %v\n", err)
+		return exitFail
+	}
+	return exitOK
+}
+
+// serve runs the driver in mode all until ctx is done.
+func serve(ctx context.Context, stop func(), o options, ver, sock string, newNode newNodeFunc) (err error) {
+	log := klog.Background().WithName("ploop-csi")
+	log.Info("starting", "version", ver, "node", o.nodeID, "root", o.storageRoot, "endpoint", sock)
+	var prefixes []string
+	if o.kubeletDir != "" {
+		prefixes = []string{o.kubeletDir}
+	}
+	// The attachments first: their recovery re-serves attached volumes,
+	// which the kernel holds only for the dead-connection timeout.
+	node, err := newNode(ctx, nodeConfig{
+		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
+		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout,
+	})
+	if err != nil {
+		return fmt.Errorf("start the node's attachments: %w", err)
+	}
+	defer func() {
+		if cerr := node.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("close the node's attachments: %w", cerr))
+		}
+	}()
+	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node)})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := cat.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("close the catalogue: %w", cerr))
+		}
+	}()
+	tidy := o.tidyInterval
+	if tidy == 0 {
+		tidy = -1 // the flag's 0 is "off"; the driver's 0 is its default
+	}
+	d, err := driver.New(driver.Config{
+		Name: o.driverName, Version: ver, NodeID: o.nodeID, Mode: driver.ModeAll,
+		Catalog: cat, Node: node, PathPrefixes: prefixes, TidyInterval: tidy, ShutdownTimeout: o.shutdownTimeout,
+	})
+	if err != nil {
+		return err
+	}
+	lis, closeLis, err := listenUnix(sock)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := closeLis(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}()
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+	if err := d.Serve(ctx, lis); err != nil {
+		return err
+	}
+	log.Info("stopped; attached volumes stay attached for the next start")
+	return nil
+}

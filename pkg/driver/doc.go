@@ -1,0 +1,74 @@
+// Package driver is ploop-csi's CSI layer: a translator from the CSI
+// Identity, Controller and Node services to calls on the storage root's
+// catalogue (package catalog: volumes and snapshots of both types,
+// capacity) and the node's attachments (the Node interface: serving stacks
+// to the kernel, filesystems, mounts, online operations). Neither knows any
+// CSI type; this package knows nothing of formats, devices or mounts.
+//
+// # What the translator does
+//
+//   - Validates every request before any call below: volume ids with
+//     catalog.ParseVolumeID, snapshot ids with catalog.ValidateSnapshotID
+//     (a string that could escape a path is InvalidArgument, a safe string
+//     that names no object of ours is NotFound), staging and target paths
+//     absolute, clean, outside the storage root and, when configured, below
+//     the kubelet's directory, capabilities (single-node access modes, ext4
+//     or xfs, no Block for simfs) and StorageClass parameters (unknown keys
+//     are refused).
+//   - Keeps calls idempotent as the CSI spec asks: creation by name (the
+//     catalogue), deletion of what is gone, unstage and unpublish of what
+//     is not there, repeats of stage, publish and expansion.
+//   - Maps errors to gRPC codes in one place (errors.go), with the text of
+//     the layer below, which says what to do.
+//   - Logs each call once (interceptor.go) and turns a panic in one call
+//     into Internal without stopping the process.
+//
+// # Errors
+//
+// Handlers return Go errors wrapping the classes of package catalog and of
+// Node (node.go); the interceptor maps them with errorTable:
+//
+//	catalog.ErrInvalid, ErrNodeInvalid            InvalidArgument
+//	catalog.ErrNotFound, ErrNotStaged             NotFound (ErrNotStaged in NodePublishVolume: FailedPrecondition)
+//	catalog.ErrExists, ErrConflict                AlreadyExists
+//	catalog.ErrOutOfRange                         OutOfRange
+//	catalog.ErrNoSpace, catalog.ErrLimit          ResourceExhausted
+//	catalog.ErrInUse, catalog.ErrPrecondition,
+//	ErrInUse, ErrOtherTarget, ErrNotAttached,
+//	ErrVolumeUnavailable                          FailedPrecondition
+//	catalog.ErrBusy, catalog.ErrBadToken,
+//	ErrNodeBusy                                   Aborted
+//	catalog.ErrUnavailable                        Unavailable
+//	context.DeadlineExceeded, ETIMEDOUT           DeadlineExceeded
+//	context.Canceled                              Canceled
+//	ENOSPC, EDQUOT                                ResourceExhausted
+//	EROFS                                         Unavailable
+//	fs.ErrNotExist                                NotFound
+//	fs.ErrPermission, EBUSY                       FailedPrecondition
+//	anything else, a panic                        Internal
+//
+// Probe fails with FailedPrecondition and the reason while the storage root
+// is missing, read-only or full (catalog.Health).
+//
+// # Topology and capacity
+//
+// Volumes are node-local: every volume is accessible from the segment
+// {topology.csi.ploop.io/node: <node id>} only. CreateVolume whose
+// requisite topology excludes this node is ResourceExhausted, so that a
+// scheduler tries another node; GetCapacity for another node's segment, or
+// for capabilities no volume here can have, is 0; otherwise it is what the
+// catalogue can still promise (size × overcommit ratio − provisioned).
+//
+// # Volume condition
+//
+// CSI 1.13 removed VolumeCondition; the COs in use still read it. The
+// driver claims VOLUME_CONDITION by its old capability numbers and sends
+// VolumeCondition as 1.12 defines it (condition.go).
+//
+// # Modes
+//
+// ModeAll runs every service in one process over a local storage root; the
+// catalogue's online operations are the Node's (OnlineOf). ModeController
+// and ModeNode need the coordination through Kubernetes custom resources
+// that a later issue adds, and New refuses them.
+package driver

@@ -1,0 +1,253 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"regexp"
+	"sync"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/ploop-csi/ploop-csi/pkg/catalog"
+)
+
+// Defaults.
+const (
+	// DefaultName is the driver's name (the CSIDriver object's).
+	DefaultName = "csi.ploop.io"
+	// TopologyKey is the topology segment that pins a volume to the node
+	// whose storage root holds it.
+	TopologyKey = "topology.csi.ploop.io/node"
+	// DefaultTidyInterval is how often the catalogue's pending merges are
+	// retried (catalog.Tidy).
+	DefaultTidyInterval = time.Hour
+	// DefaultShutdownTimeout bounds how long Serve waits for calls in
+	// flight when its context ends before it cuts them off.
+	DefaultShutdownTimeout = 30 * time.Second
+)
+
+// Mode selects the CSI services a process runs.
+type Mode string
+
+const (
+	// ModeAll runs identity, controller and node in one process over a
+	// local storage root: a single node, the demo, the tests.
+	ModeAll Mode = "all"
+	// ModeController and ModeNode are the halves of a cluster deployment;
+	// they need the coordination through Kubernetes custom resources that
+	// issue 12 adds (DESIGN.md §3), so New refuses them for now.
+	ModeController Mode = "controller"
+	ModeNode       Mode = "node"
+)
+
+// ErrModeNeedsCoordination is New's error for ModeController and ModeNode.
+var ErrModeNeedsCoordination = errors.New("separate controller and node processes need the Kubernetes coordination " +
+	"(PloopVolume/PloopSnapshot custom resources) of issue 12; run --mode all")
+
+// Catalog is what the driver uses of the storage root's catalogue; a
+// *catalog.Catalog is one. In a cluster (issue 12) the controller reaches
+// the owning node's catalogue through custom resources behind the same
+// methods.
+type Catalog interface {
+	Root() string
+	CreateVolume(ctx context.Context, req catalog.VolumeRequest) (catalog.Volume, error)
+	GetVolume(ctx context.Context, id string) (catalog.Volume, error)
+	DeleteVolume(ctx context.Context, id string) error
+	ExpandVolume(ctx context.Context, id string, required, limit int64) (int64, bool, error)
+	ListVolumes(ctx context.Context, token string, max int) ([]catalog.Volume, string, error)
+	CreateSnapshot(ctx context.Context, name, sourceVolume string) (catalog.Snapshot, error)
+	GetSnapshot(ctx context.Context, id string) (catalog.Snapshot, error)
+	DeleteSnapshot(ctx context.Context, id string) error
+	ListSnapshots(ctx context.Context, f catalog.SnapshotFilter, token string, max int) ([]catalog.Snapshot, string, error)
+	Capacity(ctx context.Context) (catalog.Capacity, error)
+	Health(ctx context.Context) error
+	Condition(ctx context.Context, id string) (catalog.Condition, error)
+	VolumePath(id string) (string, error)
+	Tidy(ctx context.Context) error
+}
+
+var _ Catalog = (*catalog.Catalog)(nil)
+
+// Config configures a Driver.
+type Config struct {
+	// Name is the driver's name; default DefaultName.
+	Name string
+	// Version is the build's version, reported by GetPluginInfo.
+	Version string
+	// NodeID names this node: its topology segment and NodeGetInfo.
+	NodeID string
+	// Mode must be ModeAll (the default) for now.
+	Mode Mode
+	// Catalog is the storage root's catalogue. Required.
+	Catalog Catalog
+	// Node is this node's attachments. Required in ModeAll. Its online
+	// operations must also be the catalogue's (catalog.Options.Online =
+	// OnlineOf(Node)).
+	Node Node
+	// PathPrefixes, when set, are the only directories below which
+	// staging and target paths are accepted (the kubelet's directory).
+	PathPrefixes []string
+	// TidyInterval is how often Serve runs catalog.Tidy after its first
+	// run at start; default DefaultTidyInterval, negative turns it off.
+	TidyInterval time.Duration
+	// ShutdownTimeout: default DefaultShutdownTimeout.
+	ShutdownTimeout time.Duration
+	// Logger receives one line per call (V(2), errors at V(1) or as
+	// errors) and the driver's own messages; the zero value logs to klog.
+	Logger klog.Logger
+}
+
+// Driver is the CSI driver: it translates CSI calls into calls on the
+// catalogue and the node's attachments. See the package documentation.
+type Driver struct {
+	cfg Config
+	log klog.Logger
+}
+
+// nameRE is the plugin name rule of the CSI spec: domain-name notation, at
+// most 63 characters, alphanumeric at both ends.
+var nameRE = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$`)
+
+// New checks cfg and returns a Driver.
+func New(cfg Config) (*Driver, error) {
+	if cfg.Name == "" {
+		cfg.Name = DefaultName
+	}
+	if !nameRE.MatchString(cfg.Name) {
+		return nil, fmt.Errorf("driver name %q: want domain-name notation, at most 63 characters", cfg.Name)
+	}
+	if cfg.Version == "" {
+		return nil, errors.New("the driver needs a version")
+	}
+	switch cfg.Mode {
+	case "":
+		cfg.Mode = ModeAll
+	case ModeAll:
+	case ModeController, ModeNode:
+		return nil, fmt.Errorf("mode %s: %w", cfg.Mode, ErrModeNeedsCoordination)
+	default:
+		return nil, fmt.Errorf("mode %q: want %s, %s or %s", cfg.Mode, ModeAll, ModeController, ModeNode)
+	}
+	// The node id goes into topology segments, whose values Kubernetes
+	// limits to label values (63 characters) in spirit; it must at least
+	// be a sane string.
+	if cfg.NodeID == "" || len(cfg.NodeID) > 128 || !printable(cfg.NodeID) {
+		return nil, fmt.Errorf("node id %q: want 1 to 128 printable ASCII characters", cfg.NodeID)
+	}
+	if cfg.Catalog == nil {
+		return nil, errors.New("the driver needs the storage root's catalogue")
+	}
+	if cfg.Node == nil {
+		return nil, errors.New("the driver needs the node's attachments in mode all")
+	}
+	for _, p := range cfg.PathPrefixes {
+		if err := pathShape("path prefix", p); err != nil {
+			return nil, err
+		}
+	}
+	if cfg.TidyInterval == 0 {
+		cfg.TidyInterval = DefaultTidyInterval
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		cfg.ShutdownTimeout = DefaultShutdownTimeout
+	}
+	log := cfg.Logger
+	if log.GetSink() == nil {
+		log = klog.Background()
+	}
+	return &Driver{cfg: cfg, log: log.WithName("driver")}, nil
+}
+
+func printable(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] <= ' ' || s[i] > '~' {
+			return false
+		}
+	}
+	return true
+}
+
+// Server returns a gRPC server with the driver's services and its
+// interceptor registered, for Serve or a test.
+func (d *Driver) Server() *grpc.Server {
+	srv := grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
+	csi.RegisterIdentityServer(srv, &identityServer{d: d})
+	csi.RegisterControllerServer(srv, &controllerServer{d: d})
+	csi.RegisterNodeServer(srv, &nodeServer{d: d})
+	return srv
+}
+
+// Serve answers CSI calls on lis until ctx ends, then stops: calls in
+// flight get ShutdownTimeout to finish before they are cut off. It runs
+// catalog.Tidy once at start and every TidyInterval meanwhile. Serve does
+// not close the catalogue or the node; their owner does, after Serve
+// returned (the node without detaching anything).
+func (d *Driver) Serve(ctx context.Context, lis net.Listener) error {
+	srv := d.Server()
+	tidyCtx, stopTidy := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		d.tidyLoop(tidyCtx)
+	}()
+	defer func() {
+		stopTidy()
+		wg.Wait()
+	}()
+
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(lis) }()
+	d.log.Info("serving CSI", "name", d.cfg.Name, "version", d.cfg.Version, "node", d.cfg.NodeID,
+		"mode", d.cfg.Mode, "root", d.cfg.Catalog.Root(), "endpoint", lis.Addr().String())
+	select {
+	case err := <-served:
+		return fmt.Errorf("serve CSI on %s: %w", lis.Addr(), err)
+	case <-ctx.Done():
+	}
+	d.log.Info("stopping: waiting for calls in flight", "timeout", d.cfg.ShutdownTimeout)
+	stopped := make(chan struct{})
+	go func() {
+		srv.GracefulStop()
+		close(stopped)
+	}()
+	timer := time.NewTimer(d.cfg.ShutdownTimeout)
+	defer timer.Stop()
+	select {
+	case <-stopped:
+	case <-timer.C:
+		d.log.Info("calls still in flight after the shutdown timeout; cutting them off")
+		srv.Stop()
+		<-stopped
+	}
+	<-served
+	return nil
+}
+
+// tidyLoop runs the catalogue's pending merges now and then.
+func (d *Driver) tidyLoop(ctx context.Context) {
+	tidy := func() {
+		if err := d.cfg.Catalog.Tidy(ctx); err != nil && ctx.Err() == nil {
+			d.log.Error(err, "tidying the storage root's chains failed; retrying at the next interval", "interval", d.cfg.TidyInterval)
+		}
+	}
+	tidy()
+	if d.cfg.TidyInterval < 0 {
+		return
+	}
+	t := time.NewTicker(d.cfg.TidyInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			tidy()
+		}
+	}
+}
