@@ -255,7 +255,32 @@ func (c *Catalog) Health(ctx context.Context) error {
 	if free < minFreeBytes {
 		return fmt.Errorf("storage root %s is full (%d bytes free): %w", c.root, free, ErrUnavailable)
 	}
+	// A filesystem that aborted (ext4 errors=remount-ro) shows no
+	// read-only flag to statfs or access(2): only a write tells.
+	if err := probeWrite(c.vrec.dir); err != nil {
+		return fmt.Errorf("storage root %s cannot be written: %w: %w", c.root, ErrUnavailable, err)
+	}
 	return nil
+}
+
+// probeWrite creates, syncs and removes a file in the records directory
+// dir, named like an interrupted record write so that a leftover is
+// cleaned up at the next Open.
+func probeWrite(dir string) error {
+	f, err := os.CreateTemp(dir, ".probe-*"+recordSuffix+tmpSuffix)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write([]byte("probe")); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // Condition is a volume's health as the controller sees it.
