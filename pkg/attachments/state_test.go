@@ -65,7 +65,13 @@ func TestParseRecordRefuses(t *testing.T) {
 		{"device", mod(func(r *record) { r.Device = "/dev/sda" })},
 		{"device leading zero", mod(func(r *record) { r.Device = "/dev/nbd03" })},
 		{"block with fs", mod(func(r *record) { r.Block = true })},
-		{"simfs with device", mod(func(r *record) { r.Kind = Simfs; r.FSType = ""; r.MkfsOptions = nil; r.MountOptions = nil; r.OnlineDiscard = false })},
+		{"simfs with device", mod(func(r *record) {
+			r.Kind = Simfs
+			r.FSType = ""
+			r.MkfsOptions = nil
+			r.MountOptions = nil
+			r.OnlineDiscard = false
+		})},
 		{"option with newline", mod(func(r *record) { r.MountOptions = []string{"a\nb"} })},
 		{"target relative", mod(func(r *record) { r.Targets = []target{{Path: "x"}} })},
 		{"target twice", mod(func(r *record) { r.Targets = []target{{Path: "/x"}, {Path: "/x"}} })},
