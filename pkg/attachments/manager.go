@@ -245,28 +245,31 @@ func (m *Manager) Close() error {
 		return nil
 	}
 	m.closed = true
-	vols := m.vols
+	ids := make([]string, 0, len(m.vols))
+	for id := range m.vols {
+		ids = append(ids, id)
+	}
 	m.mu.Unlock()
 	if m.stopTrim != nil {
 		m.stopTrim()
 	}
 	m.wg.Wait()
 	var errs []error
-	for id, v := range vols {
-		if v.served == nil {
-			continue
-		}
+	for _, id := range ids {
 		// Wait for a running operation on the volume; a new one fails
 		// on closed. Release only stops serving.
 		unlock, err := m.locks.lock(context.Background(), id)
-		if err == nil {
-			errs = append(errs, v.served.Release())
-			unlock()
+		if err != nil {
+			continue
 		}
+		if v := m.get(id); v != nil && v.served != nil {
+			errs = append(errs, v.served.Release())
+		}
+		unlock()
 	}
 	m.closeKernel()
 	errs = append(errs, m.state.close())
-	m.log.Info("closed: volumes stay attached for the next node plugin", "volumes", len(vols))
+	m.log.Info("closed: volumes stay attached for the next node plugin", "volumes", len(ids))
 	return errors.Join(errs...)
 }
 
@@ -371,10 +374,6 @@ func (m *Manager) attachOptions(id string) serving.AttachOptions {
 // a volume gets its server and device. The stack is repaired first: a
 // killed predecessor left it marked in use.
 func (m *Manager) serve(ctx context.Context, rec record) (*serving.Volume, error) {
-	k, err := m.kernelConn()
-	if err != nil {
-		return nil, err
-	}
 	v, err := serving.Open(rec.Path, serving.OpenOptions{Direct: m.opts.Direct, Repair: true})
 	if err != nil {
 		return nil, fmt.Errorf("the image could not be opened; if it needs repair, unstage the volume and run `ploopctl check --repair %s`: %v: %w", rec.Path, err, ErrUnavailable)
@@ -382,6 +381,11 @@ func (m *Manager) serve(ctx context.Context, rec record) (*serving.Volume, error
 	if v.Kind() != serving.KindStack {
 		v.Close(ctx)
 		return nil, fmt.Errorf("%s is not a ploop stack directory: %w", rec.Path, ErrUnavailable)
+	}
+	k, err := m.kernelConn()
+	if err != nil {
+		v.Close(ctx)
+		return nil, err
 	}
 	opts := m.attachOptions(rec.VolumeID)
 	_, ferr := nbd.FindBackend(rec.VolumeID)

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 	"k8s.io/klog/v2/ktesting"
 )
@@ -303,8 +304,12 @@ func TestRecoverReportsProblems(t *testing.T) {
 	outside.VolumeID, outside.Path, outside.StagingPath = "ploop-outside", "/etc", staging("ploop-outside")
 	half := gone
 	half.VolumeID, half.StagingPath, half.Staged, half.Device = "ploop-half", staging("ploop-half"), false, ""
+	damaged := gone
+	damaged.VolumeID, damaged.Path, damaged.StagingPath = "ploop-damaged", filepath.Join(e.root, "ploop", "ploop-damaged"), staging("ploop-damaged")
+	os.MkdirAll(damaged.Path, 0o700)
+	os.WriteFile(filepath.Join(damaged.Path, ploop.DescriptorName), []byte("<Parallels_disk_image>"), 0o600)
 	simGone := record{Version: recordVersion, VolumeID: "simfs-gone", Kind: Simfs, Path: filepath.Join(e.dirs.root, "simfs-gone"), StagingPath: staging("simfs-gone"), Staged: true}
-	for _, r := range []record{gone, notStack, outside, half, simGone} {
+	for _, r := range []record{gone, notStack, outside, half, damaged, simGone} {
 		if err := s.write(r); err != nil {
 			t.Fatal(err)
 		}
@@ -321,6 +326,7 @@ func TestRecoverReportsProblems(t *testing.T) {
 		"ploop-notstack": "no longer a ploop stack",
 		"ploop-outside":  "outside the storage root",
 		"ploop-junk":     "unreadable",
+		"ploop-damaged":  "ploopctl check --repair",
 		"simfs-gone":     "is gone",
 	} {
 		path := staging(id)
@@ -372,6 +378,16 @@ func TestBusyAndParallel(t *testing.T) {
 	unlock()
 	if err := m.Stage(ctxT(t), a); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestMaxVolumesHost: without the nbd driver the count is 0 (unknown).
+func TestMaxVolumesHost(t *testing.T) {
+	e := newHostEnv(t)
+	m := e.newManager(t)
+	devs, _ := filepath.Glob("/sys/block/nbd*")
+	if n := m.MaxVolumes(); n < len(devs) {
+		t.Fatalf("MaxVolumes = %d with %d nbd devices", n, len(devs))
 	}
 }
 

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"time"
+
+	"github.com/ploop-csi/ploop-csi/pkg/mounts"
 )
 
 // PublishRequest asks for a staged volume to be made visible at a target.
@@ -82,6 +84,15 @@ func (m *Manager) publish(req PublishRequest) error {
 	case v.rec.Block:
 		source = v.served.Device()
 	default:
+		// Never bind an empty staging directory: a pod would write into
+		// the node's disk instead of the volume.
+		mi, ok, err := mounts.Mounted(v.rec.StagingPath)
+		if err != nil {
+			return fmt.Errorf("publish %s: %w", id, err)
+		}
+		if !ok || mi.Source != v.served.Device() {
+			return fmt.Errorf("publish %s: its filesystem is not mounted at %s: stage it again: %w", id, v.rec.StagingPath, ErrUnavailable)
+		}
 		source = v.rec.StagingPath
 	}
 	mounted, err := m.mounter.IsMountPoint(req.TargetPath)

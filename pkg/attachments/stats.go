@@ -7,9 +7,12 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"time"
+	"unsafe"
 
 	"github.com/ploop-csi/ploop-csi/pkg/mounts"
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
+	"golang.org/x/sys/unix"
 )
 
 // Condition says whether a volume works, and if not, what to do.
@@ -55,7 +58,7 @@ func (m *Manager) Stats(ctx context.Context, volumeID, volumePath string) (Volum
 	switch v.rec.Kind {
 	case Ploop:
 		st.Block = v.rec.Block
-		problems = append(problems, m.ploopProblems(v, &st)...)
+		problems = append(problems, m.ploopProblems(ctx, v, &st)...)
 	case Simfs:
 		problems = append(problems, m.simfsProblems(v, &st)...)
 	}
@@ -72,7 +75,7 @@ func (m *Manager) Stats(ctx context.Context, volumeID, volumePath string) (Volum
 
 // ploopProblems fills the usage of a ploop volume and lists what is wrong
 // with its link and filesystem.
-func (m *Manager) ploopProblems(v *volume, st *VolumeStats) []string {
+func (m *Manager) ploopProblems(ctx context.Context, v *volume, st *VolumeStats) []string {
 	if v.served == nil {
 		if v.problem == "" {
 			return []string{"the volume is recorded as staged but not attached: stage it again"}
@@ -93,10 +96,16 @@ func (m *Manager) ploopProblems(v *volume, st *VolumeStats) []string {
 			return []string{fmt.Sprintf("the nbd link of %s is dead (the kernel shows backend %q): stop the pods that use the volume, then unstage and stage it again", dev, bs[index])}
 		}
 	}
+	if err := probeDevice(ctx, dev); err != nil {
+		return []string{fmt.Sprintf("the nbd link of %s is dead (%v), so every I/O to the volume fails: stop the pods that use it, then unstage and stage it again", dev, err)}
+	}
 	var problems []string
 	if v.rec.Block {
 		st.TotalBytes = v.served.Size()
 		return nil
+	}
+	if mi, ok, err := mounts.Mounted(v.rec.StagingPath); err != nil || !ok || mi.Source != dev {
+		return []string{fmt.Sprintf("the volume's filesystem is not mounted at its staging path %s: unstage and stage it again", v.rec.StagingPath)}
 	}
 	fsst, err := mounts.Stat(v.rec.StagingPath)
 	if err != nil {
@@ -151,4 +160,47 @@ func (m *Manager) rootProblem() string {
 		return fmt.Sprintf("the storage root %s is nearly full (%d MiB free, %.1f%%): writes to thin volumes will fail; free space there or move volumes away", m.opts.StorageRoot, st.AvailableBytes>>20, pct)
 	}
 	return ""
+}
+
+// probeTimeout bounds the read that checks a device's link.
+const probeTimeout = 10 * time.Second
+
+// probeDevice reads the device's first block, bypassing the page cache,
+// to tell a live link from a dead one: a device disconnected under a
+// mounted filesystem stays "connected" for the kernel's status (the mount
+// holds it) but fails every request at once. The read runs aside, so a
+// device whose I/O the kernel holds cannot hang the caller; it returns
+// when the kernel answers.
+func probeDevice(ctx context.Context, dev string) error {
+	done := make(chan error, 1)
+	go func() {
+		f, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+		if err != nil {
+			done <- err
+			return
+		}
+		defer f.Close()
+		buf := alignedBlock()
+		_, err = f.ReadAt(buf, 0)
+		done <- err
+	}()
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("a read of %s did not return within %v", dev, probeTimeout)
+	}
+}
+
+// alignedBlock is a 4 KiB buffer aligned for O_DIRECT.
+func alignedBlock() []byte {
+	const n = 4096
+	b := make([]byte, 2*n)
+	off := int(uintptr(unsafe.Pointer(&b[0])) & (n - 1))
+	if off != 0 {
+		off = n - off
+	}
+	return b[off : off+n]
 }
