@@ -83,6 +83,11 @@ type AttachOptions struct {
 // AnyDevice in AttachOptions.Index lets the kernel pick a free device.
 const AnyDevice = -1
 
+// ErrDisconnected is returned by Reattach when the device was disconnected
+// (it is still configured only because something holds it open), so no
+// connection can ever be installed in it again.
+var ErrDisconnected = errors.New("nbd: device was disconnected")
+
 func (o *AttachOptions) defaults() error {
 	if o.BackendID == "" {
 		return errors.New("nbd: attach needs a backend identifier")
@@ -191,7 +196,10 @@ type Attachment struct {
 }
 
 // Gone is closed when the device was disconnected by someone else (for
-// example `ploopctl detach` falling back to netlink, or an admin).
+// example `ploopctl detach` falling back to netlink, or an admin), also
+// while a mount still holds it: the attachment then stops serving, and
+// its Disconnect leaves the index, which a new device may take once the
+// holder lets go, alone.
 func (a *Attachment) Gone() <-chan struct{} { return a.gone }
 
 // Index is the nbd device index.
@@ -331,9 +339,14 @@ func (a *Attachment) maintain(firstDone chan<- error) {
 			ok, err := a.reconnectOne()
 			switch {
 			case err != nil:
-				if connected, serr := a.k.Status(a.index); serr == nil && !connected {
-					klog.InfoS("nbd: device was disconnected", "device", a.Path())
-					close(a.gone)
+				if a.lost(err) {
+					a.mu.Lock()
+					closing := a.closing // our own Disconnect got there first
+					a.mu.Unlock()
+					if !closing {
+						klog.InfoS("nbd: device was disconnected by someone else; no longer serving it", "device", a.Path(), "backend", a.opts.BackendID, "reason", err)
+						close(a.gone)
+					}
 					return
 				}
 				klog.ErrorS(err, "nbd: replace connection", "device", a.Path())
@@ -369,11 +382,33 @@ func (a *Attachment) maintain(firstDone chan<- error) {
 	}
 }
 
+// lost reports whether err from reconnectOne means that the device is no
+// longer the one this attachment serves.
+func (a *Attachment) lost(err error) bool {
+	if errors.Is(err, ErrDisconnected) {
+		return true
+	}
+	connected, serr := a.k.Status(a.index)
+	return serr == nil && !connected
+}
+
 // reconnectOne offers the kernel one fresh socket with RECONFIGURE. The
 // kernel only takes it if one of the device's sockets is dead, and says
 // nothing either way; but when it declines it drops its reference at
 // once, so after closing our copy of its end, our end sees a hang-up.
 // That tells the two cases apart without guessing.
+//
+// EINVAL means the device is not ours any more (ErrDisconnected). In
+// nbd_genl_reconfigure (6.1) a request like ours, with an index, our
+// backend identifier and one unix stream socket, gets EINVAL only when the
+// index has no device or one going down, the device serves another
+// backend, it has no configuration ("not configured, cannot reconfigure"),
+// or its configuration is no longer bound to netlink or has no pid (same
+// message): DISCONNECT clears the bound flag before it returns, even while
+// openers keep the configuration alive. A live device that has no dead
+// socket to replace answers 0 (nbd_reconnect_socket's -ENOSPC is turned
+// into success), and a timed-out or dead-conn-expired device stays bound,
+// so neither is ever taken for a disconnected one.
 func (a *Attachment) reconnectOne() (bool, error) {
 	pairs, err := socketpairs(1)
 	if err != nil {
@@ -394,6 +429,9 @@ func (a *Attachment) reconnectOne() (bool, error) {
 	unix.Close(p.kernel)
 	if err != nil {
 		unix.Close(p.ours)
+		if errors.Is(err, unix.EINVAL) {
+			return false, fmt.Errorf("nbd: reconfigure %s: %w: %w", a.Path(), ErrDisconnected, err)
+		}
 		return false, fmt.Errorf("nbd: reconfigure %s: %w", a.Path(), err)
 	}
 	fds := []unix.PollFd{{Fd: int32(p.ours), Events: unix.POLLRDHUP}}
@@ -436,6 +474,9 @@ func (k *Kernel) Reattach(ctx context.Context, srv *Server, opts AttachOptions) 
 	select {
 	case <-first:
 		return a, nil
+	case <-a.gone:
+		a.abandon()
+		return nil, fmt.Errorf("nbd: reattach %s (backend %s): %w; it stays configured until whatever holds it open closes it", a.Path(), opts.BackendID, ErrDisconnected)
 	case <-ctx.Done():
 		a.abandon()
 		return nil, fmt.Errorf("nbd: reattach %s: no dead connection to replace: %w", a.Path(), ctx.Err())
@@ -456,13 +497,19 @@ func (a *Attachment) abandon() {
 // SIGKILL does the same implicitly).
 func (a *Attachment) Release() { a.abandon() }
 
-// Disconnect detaches the device and waits until the kernel has let go of
-// it. It is idempotent.
+// Disconnect detaches the device, with the semantics of Kernel.Disconnect,
+// and stops serving it. It is idempotent. After Gone it leaves the kernel
+// alone: the index may already belong to another device.
 func (a *Attachment) Disconnect(ctx context.Context) error {
 	a.mu.Lock()
 	a.closing = true
 	a.mu.Unlock()
-	err := a.k.Disconnect(ctx, a.index)
+	var err error
+	select {
+	case <-a.gone:
+	default:
+		err = a.k.disconnect(ctx, a.index, a.opts.BackendID)
+	}
 	// Our connections end when the kernel shuts its sockets down; the
 	// cancel covers the case where it already had.
 	a.cancel()
@@ -486,10 +533,39 @@ func (a *Attachment) Resize(size int64) error {
 	return nil
 }
 
-// Disconnect asks the kernel to disconnect device index and waits, until
-// ctx ends, for it to be released. Disconnecting a device that is not
-// connected succeeds.
+// Disconnect disconnects device index. Disconnecting a device that is not
+// connected succeeds, and so does disconnecting one again.
+//
+// The kernel does the whole disconnect before it acknowledges the command
+// (nbd_genl_disconnect, nbd_disconnect_and_put in 6.1): it sends the
+// server NBD_CMD_DISC, shuts every socket down, waits for its receive
+// workers to exit, fails the requests queued on the device and unbinds it
+// from netlink. When Disconnect returns, the device's I/O therefore fails
+// with EIO at once (nothing waits for DEAD_CONN_TIMEOUT), no request
+// reaches the server any more, and the serving process's attachment
+// reports Gone once it notices.
+//
+// If nothing holds the device open, the kernel also frees its
+// configuration before the acknowledgement: STATUS says disconnected and
+// the index is free. A device held open (a mounted filesystem, an open
+// descriptor) keeps its configuration until the last holder closes it,
+// which frees it synchronously (nbd_release): until then STATUS still
+// says connected, /sys/block/nbdN/backend and pid remain, and CONNECT to
+// that index fails with EBUSY. Disconnect does not wait for that, since it
+// may never happen while a mount stays; there is no other signal of the
+// state to wait for (the pid file goes with the configuration). Disconnect
+// again on such a device only repeats the shutdown, logging "Send
+// disconnect failed" in the kernel log.
+//
+// ctx is checked before the command is sent; the kernel's part is not
+// interruptible.
 func (k *Kernel) Disconnect(ctx context.Context, index int) error {
+	return k.disconnect(ctx, index, "")
+}
+
+// disconnect disconnects device index if it is connected and, when
+// backend is set, still serves backend.
+func (k *Kernel) disconnect(ctx context.Context, index int, backend string) error {
 	connected, err := k.Status(index)
 	if err != nil {
 		return err
@@ -497,26 +573,32 @@ func (k *Kernel) Disconnect(ctx context.Context, index int) error {
 	if !connected {
 		return nil
 	}
+	if backend != "" {
+		p := filepath.Join("/sys/block", "nbd"+strconv.Itoa(index), "backend")
+		b, err := os.ReadFile(p)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil // released meanwhile
+		}
+		if err != nil {
+			return fmt.Errorf("nbd: disconnect %s: %w", DevicePath(index), err)
+		}
+		if got := strings.TrimRight(string(b), "\n"); got != backend {
+			klog.InfoS("nbd: not disconnecting a device that serves another backend now", "device", DevicePath(index), "backend", got, "ours", backend)
+			return nil
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("nbd: disconnect %s: %w", DevicePath(index), err)
+	}
 	if _, err := k.execute(nlCmdDisconnect, true, func(ae *netlink.AttributeEncoder) {
 		ae.Uint32(nlAttrIndex, uint32(index))
 	}); err != nil {
 		return fmt.Errorf("nbd: disconnect %s: %w", DevicePath(index), err)
 	}
-	// The kernel tears the config down asynchronously, when its receive
-	// workers have exited.
-	wait := 10 * time.Millisecond
-	for {
-		connected, err := k.Status(index)
-		if err != nil || !connected {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("nbd: disconnect %s: still connected: %w", DevicePath(index), ctx.Err())
-		case <-time.After(wait):
-			wait = min(2*wait, 200*time.Millisecond)
-		}
+	if connected, err := k.Status(index); err == nil && connected {
+		klog.V(1).InfoS("nbd: device disconnected; still held open, so the kernel keeps its configuration until the last holder closes it", "device", DevicePath(index))
 	}
+	return nil
 }
 
 // Status reports whether device index is connected.

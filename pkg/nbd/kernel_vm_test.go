@@ -46,6 +46,8 @@ func TestKernel(t *testing.T) {
 		{Name: "AttachMkfsMount", Run: testAttachMkfsMount},
 		{Name: "OnlineResize", Run: testOnlineResize},
 		{Name: "DisconnectIdempotent", Run: testDisconnectIdempotent},
+		{Name: "DisconnectWhileMounted", Run: testDisconnectWhileMounted},
+		{Name: "ReattachAfterDisconnect", Run: testReattachAfterDisconnect},
 		{Name: "RestartSurvival", Run: testRestartSurvival},
 		{Name: "AckedWriteSurvivesKill", Run: testAckedWriteSurvivesKill},
 		{Name: "PanicIsolation", Run: testPanicIsolation},

@@ -277,9 +277,10 @@ func (v *Volume) Flush() error {
 }
 
 // Close detaches and closes the volume: it stops the control socket,
-// disconnects the kernel device (waiting, until ctx ends, for the kernel to
-// let go of it), flushes and closes the image files, clearing the in-use
-// mark. A running online operation finishes first; operations asked for
+// disconnects the kernel device (its sockets are shut down when the kernel
+// acknowledges; a device still held open, by a mount, keeps its index
+// until the last holder closes it, see nbd.Kernel.Disconnect), flushes and
+// closes the image files, clearing the in-use mark. A running online operation finishes first; operations asked for
 // later fail with os.ErrClosed. Unmount the filesystem on the device
 // before. Close is idempotent; it reports every failure but always
 // releases what it can.
