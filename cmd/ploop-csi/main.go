@@ -10,9 +10,11 @@
 // deployment, need the Kubernetes coordination of issue 12 and are refused
 // with that message.
 //
-// Start-up order: the node's attachments first, whose restart recovery
-// re-serves the volumes attached before a restart (the kernel holds their
-// I/O meanwhile); then the catalogue; then the socket. SIGTERM or SIGINT
+// Start-up order: the storage root's simfs root (one for the process,
+// shared by the attachments and the catalogue); the node's attachments,
+// whose restart recovery re-serves the volumes attached before a restart
+// (the kernel holds their I/O meanwhile); then the catalogue; then the
+// socket. SIGTERM or SIGINT
 // stops answering calls (those in flight get --shutdown-timeout), closes
 // the attachments without detaching anything, and removes the socket.
 //
@@ -36,6 +38,7 @@ import (
 
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
 const (
@@ -66,6 +69,7 @@ type options struct {
 	nbdConnections  int
 	nbdTimeout      time.Duration
 	deadConnTimeout time.Duration
+	directIO        bool
 	shutdownTimeout time.Duration
 	version         bool
 }
@@ -90,6 +94,8 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.nbdTimeout, "nbd-timeout", 0, "the kernel's per-request nbd timeout, whole seconds; 0 takes pkg/nbd's default")
 	fs.DurationVar(&o.deadConnTimeout, "dead-conn-timeout", 0, "how long the kernel holds a device's I/O while no process serves it "+
 		"(the longest a restart of this process may take), whole seconds; 0 takes pkg/nbd's default (2m)")
+	fs.BoolVar(&o.directIO, "direct-io", true, "read and write ploop images with O_DIRECT, so that a volume's data is cached once (by its nbd device), "+
+		"not twice; turn it off only for a storage root on a filesystem without direct I/O (tmpfs before Linux 6.6)")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", driver.DefaultShutdownTimeout, "on SIGTERM, how long calls in flight may take before they are cut off")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	klog.InitFlags(fs) // --v and the other klog flags
@@ -178,11 +184,30 @@ func serve(ctx context.Context, stop func(), o options, ver, sock string, newNod
 	if o.kubeletDir != "" {
 		prefixes = []string{o.kubeletDir}
 	}
-	// The attachments first: their recovery re-serves attached volumes,
-	// which the kernel holds only for the dead-connection timeout.
+	// One simfs root for the whole process, shared by the attachments and
+	// the catalogue: simfs.Open takes no lock, so a Root each would not
+	// serialise their changes to the same volumes.
+	dirs, err := catalog.OpenSimfs(o.storageRoot, simfs.Options{})
+	switch {
+	case errors.Is(err, catalog.ErrUnavailable) || errors.Is(err, catalog.ErrInvalid):
+		return err // the root itself is unusable
+	case err != nil:
+		// ploop volumes must still be recovered and served.
+		log.Error(err, "simfs volumes are refused until the simfs root can be opened")
+		dirs = nil
+	default:
+		defer func() {
+			if cerr := dirs.Close(); cerr != nil {
+				err = errors.Join(err, fmt.Errorf("close the simfs root: %w", cerr))
+			}
+		}()
+	}
+	// The attachments next, before the catalogue touches any stack: their
+	// recovery re-serves attached volumes, which the kernel holds only for
+	// the dead-connection timeout.
 	node, err := newNode(ctx, nodeConfig{
 		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
-		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout,
+		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
 	})
 	if err != nil {
 		return fmt.Errorf("start the node's attachments: %w", err)
@@ -192,7 +217,7 @@ func serve(ctx context.Context, stop func(), o options, ver, sock string, newNod
 			err = errors.Join(err, fmt.Errorf("close the node's attachments: %w", cerr))
 		}
 	}()
-	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node)})
+	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
 	if err != nil {
 		return err
 	}

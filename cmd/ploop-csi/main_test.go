@@ -76,7 +76,7 @@ func TestUsage(t *testing.T) {
 		{[]string{"--nodeid", "n", "--storage-root", root + "/missing", "--endpoint", "unix://" + root + "/s.sock"}, exitFail, "does not exist"},
 	} {
 		var out bytes.Buffer
-		code := run(context.Background(), func() {}, tc.args, &out, &out, func(context.Context, nodeConfig) (attachments, error) {
+		code := run(context.Background(), func() {}, tc.args, &out, &out, func(context.Context, nodeConfig) (nodeAttachments, error) {
 			return &testNode{}, nil
 		})
 		if code != tc.code || !strings.Contains(out.String(), tc.output) {
@@ -140,7 +140,7 @@ func TestServe(t *testing.T) {
 	go func() {
 		done <- run(ctx, func() { stopped.Add(1) }, []string{"--nodeid", "node-1", "--storage-root", root, "--endpoint", "unix://" + sock,
 			"--drivername", "test.ploop.io", "--trim-interval", "0", "--nbd-timeout", "30s"}, &out, &out,
-			func(ctx context.Context, cfg nodeConfig) (attachments, error) {
+			func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) {
 				node.cfg = cfg
 				return node, nil
 			})
@@ -160,14 +160,14 @@ func TestServe(t *testing.T) {
 	if err != nil || ni.GetNodeId() != "node-1" || ni.GetMaxVolumesPerNode() != 8 {
 		t.Errorf("node info %v %v", ni, err)
 	}
-	if c := node.cfg; c.StorageRoot != root || c.NodeID != "node-1" || c.TrimInterval != 0 || c.NBDTimeout != 30*time.Second {
+	if c := node.cfg; c.StorageRoot != root || c.NodeID != "node-1" || c.TrimInterval != 0 || c.NBDTimeout != 30*time.Second || !c.DirectIO || c.Dirs == nil {
 		t.Errorf("node config %+v", c)
 	}
 	// A second instance on the same socket is refused, and so is a second
 	// catalogue on the same root.
 	var out2 bytes.Buffer
 	if code := run(ctx, func() {}, []string{"--nodeid", "n", "--storage-root", root, "--endpoint", "unix://" + sock}, &out2, &out2,
-		func(context.Context, nodeConfig) (attachments, error) { return &testNode{}, nil }); code != exitFail ||
+		func(context.Context, nodeConfig) (nodeAttachments, error) { return &testNode{}, nil }); code != exitFail ||
 		!strings.Contains(out2.String(), "another process") {
 		t.Errorf("second instance: exit %d: %s", code, out2.String())
 	}

@@ -2,11 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
-	"github.com/ploop-csi/ploop-csi/pkg/catalog"
+	"github.com/ploop-csi/ploop-csi/pkg/attachments"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
 // nodeConfig is what the node's attachments are made from (the flags).
@@ -20,10 +22,15 @@ type nodeConfig struct {
 	NBDConnections  int
 	NBDTimeout      time.Duration
 	DeadConnTimeout time.Duration
+	// DirectIO opens images with O_DIRECT.
+	DirectIO bool
+	// Dirs is the storage root's simfs root, shared with the catalogue;
+	// nil refuses simfs volumes.
+	Dirs *simfs.Root
 }
 
-// attachments is the node's attachments as main owns them.
-type attachments interface {
+// nodeAttachments is the node's attachments as main owns them.
+type nodeAttachments interface {
 	driver.Node
 	// Close stops serving without detaching anything: the kernel holds the
 	// devices' I/O until the next process reattaches them.
@@ -33,49 +40,130 @@ type attachments interface {
 // newNodeFunc makes the node's attachments. It returns once their restart
 // recovery is complete: volumes attached before a restart are served again
 // before the driver answers any call.
-type newNodeFunc func(ctx context.Context, cfg nodeConfig) (attachments, error)
+type newNodeFunc func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error)
 
-// newAttachments is the node's attachments of this build. pkg/attachments
-// (the Manager that serves stacks to kernel nbd devices) is being written
-// alongside the driver; until it is wired in here (attachments.New plus the
-// adapter to driver.Node), node calls fail with a clear message and the
-// controller side works on its own: nothing is ever attached, so the
-// catalogue runs every operation offline.
-func newAttachments(ctx context.Context, cfg nodeConfig) (attachments, error) {
-	return unwired{}, nil
+// newAttachments is the node's attachments of this build: an
+// attachments.Manager, whose New recovers what the node had attached
+// before it returns.
+func newAttachments(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) {
+	o := attachments.Options{
+		StorageRoot: cfg.StorageRoot,
+		NodeID:      cfg.NodeID,
+		Attach: attachments.AttachOptions{
+			Connections: cfg.NBDConnections, Timeout: cfg.NBDTimeout, DeadConnTimeout: cfg.DeadConnTimeout,
+		},
+		Direct:       cfg.DirectIO,
+		TrimInterval: cfg.TrimInterval,
+	}
+	if cfg.KubeletDir != "" {
+		o.PathPrefixes = []string{cfg.KubeletDir}
+	}
+	if cfg.Dirs != nil {
+		o.Dirs = cfg.Dirs // never a nil *simfs.Root in the interface
+	}
+	m, err := attachments.New(ctx, o)
+	if err != nil {
+		return nil, nodeErr(err)
+	}
+	return node{m}, nil
 }
 
-// unwired is the placeholder for the node's attachments.
-type unwired struct{}
+// node adapts an attachments.Manager to driver.Node: the request and
+// result structs are converted field by field, and errors get the driver's
+// classes (nodeErr). The online operations are the Manager's, with their
+// errors classified the same way.
+type node struct{ *attachments.Manager }
 
-func errUnwired(op string) error {
-	return fmt.Errorf("%s: this build of ploop-csi has no node attachments yet (pkg/attachments is not wired into cmd/ploop-csi), "+
-		"so volumes cannot be staged or published on this node: %w", op, catalog.ErrPrecondition)
+var _ nodeAttachments = node{}
+
+func (n node) Stage(ctx context.Context, r driver.StageRequest) error {
+	return nodeErr(n.Manager.Stage(ctx, attachments.StageRequest{
+		VolumeID: r.VolumeID, Kind: attachments.Kind(r.Type), Path: r.Path, StagingPath: r.StagingPath,
+		Block: r.Block, FSType: r.FSType, MkfsOptions: r.MkfsOptions, MountOptions: r.MountOptions,
+		OnlineDiscard: r.OnlineDiscard,
+	}))
 }
 
-func (unwired) Stage(ctx context.Context, req driver.StageRequest) error { return errUnwired("stage") }
+func (n node) Unstage(ctx context.Context, id, stagingPath string) error {
+	return nodeErr(n.Manager.Unstage(ctx, id, stagingPath))
+}
 
-// Unstage and Unpublish succeed: this build never staged or published
-// anything, and a CO's clean-up must not get stuck on it.
-func (unwired) Unstage(ctx context.Context, id, path string) error { return nil }
-func (unwired) Publish(ctx context.Context, req driver.PublishRequest) error {
-	return errUnwired("publish")
+func (n node) Publish(ctx context.Context, r driver.PublishRequest) error {
+	return nodeErr(n.Manager.Publish(ctx, attachments.PublishRequest{
+		VolumeID: r.VolumeID, StagingPath: r.StagingPath, TargetPath: r.TargetPath, Block: r.Block,
+		ReadOnly: r.ReadOnly, SingleWriter: r.SingleWriter, MountOptions: r.MountOptions,
+	}))
 }
-func (unwired) Unpublish(ctx context.Context, id, path string) error { return nil }
-func (unwired) Expand(ctx context.Context, id string, size int64, path string) (int64, error) {
-	return 0, errUnwired("expand")
+
+func (n node) Unpublish(ctx context.Context, id, targetPath string) error {
+	return nodeErr(n.Manager.Unpublish(ctx, id, targetPath))
 }
-func (unwired) Stats(ctx context.Context, id, path string) (driver.VolumeStats, error) {
-	return driver.VolumeStats{}, errUnwired("stats")
+
+func (n node) Expand(ctx context.Context, id string, size int64, volumePath string) (int64, error) {
+	got, err := n.Manager.Expand(ctx, id, size, volumePath)
+	return got, nodeErr(err)
 }
-func (unwired) MaxVolumes() int                                       { return 0 }
-func (unwired) Attached(ctx context.Context, id string) (bool, error) { return false, nil }
-func (unwired) Snapshot(ctx context.Context, id string) (string, error) {
-	return "", driver.ErrNotAttached
+
+func (n node) Stats(ctx context.Context, id, volumePath string) (driver.VolumeStats, error) {
+	st, err := n.Manager.Stats(ctx, id, volumePath)
+	if err != nil {
+		return driver.VolumeStats{}, nodeErr(err)
+	}
+	return driver.VolumeStats{
+		Block:      st.Block,
+		TotalBytes: st.TotalBytes, UsedBytes: st.UsedBytes, AvailableBytes: st.AvailableBytes,
+		TotalInodes: st.TotalInodes, UsedInodes: st.UsedInodes, FreeInodes: st.FreeInodes,
+		Condition: driver.Condition{Abnormal: st.Condition.Abnormal, Message: st.Condition.Message},
+	}, nil
 }
-func (unwired) DeleteSnapshot(ctx context.Context, id, guid string) error {
-	return driver.ErrNotAttached
+
+func (n node) Attached(ctx context.Context, id string) (bool, error) {
+	a, err := n.Manager.Attached(ctx, id)
+	return a, nodeErr(err)
 }
-func (unwired) Grow(ctx context.Context, id string, size int64) error { return driver.ErrNotAttached }
-func (unwired) Compact(ctx context.Context, id string) error          { return driver.ErrNotAttached }
-func (unwired) Close() error                                          { return nil }
+
+func (n node) Snapshot(ctx context.Context, id string) (string, error) {
+	g, err := n.Manager.Snapshot(ctx, id)
+	return g, nodeErr(err)
+}
+
+func (n node) DeleteSnapshot(ctx context.Context, id, guid string) error {
+	return nodeErr(n.Manager.DeleteSnapshot(ctx, id, guid))
+}
+
+func (n node) Grow(ctx context.Context, id string, size int64) error {
+	return nodeErr(n.Manager.Grow(ctx, id, size))
+}
+
+func (n node) Compact(ctx context.Context, id string) error {
+	return nodeErr(n.Manager.Compact(ctx, id))
+}
+
+// errorPairs maps the error classes of pkg/attachments to the driver's
+// node classes, which pkg/driver maps to gRPC codes.
+var errorPairs = [...]struct{ from, to error }{
+	{attachments.ErrInvalid, driver.ErrNodeInvalid},
+	{attachments.ErrNotStaged, driver.ErrNotStaged},
+	{attachments.ErrConflict, driver.ErrConflict},
+	{attachments.ErrOtherTarget, driver.ErrOtherTarget},
+	{attachments.ErrInUse, driver.ErrInUse},
+	{attachments.ErrNotAttached, driver.ErrNotAttached},
+	{attachments.ErrBusy, driver.ErrNodeBusy},
+	{attachments.ErrUnavailable, driver.ErrVolumeUnavailable},
+}
+
+// nodeErr adds the driver's class to an error of the Manager, keeping the
+// error (and what it wraps) for errors.Is. Errors of no class (a failure
+// of the node) stay as they are: Internal, or the code of the system
+// error they wrap.
+func nodeErr(err error) error {
+	if err == nil {
+		return nil
+	}
+	for _, p := range errorPairs {
+		if errors.Is(err, p.from) {
+			return fmt.Errorf("%w: %w", p.to, err)
+		}
+	}
+	return err
+}

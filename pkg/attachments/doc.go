@@ -7,7 +7,8 @@
 // backend identifier is the volume id, makes a filesystem on it when it is
 // blank (ext4 or xfs) and mounts it at the staging path; a Block volume
 // stops after the attach. Publish bind-mounts the staging mount, or the
-// device node for Block, onto each target. For a simfs volume (a directory
+// device node for Block, onto each target; a single-writer publish is the
+// volume's only target. For a simfs volume (a directory
 // of a simfs root) Stage checks the directory and its quota, and Publish
 // bind-mounts the directory. All mount and mkfs work goes through
 // pkg/mounts.
@@ -59,7 +60,12 @@
 // volume paths must lie below the storage root and resolve to themselves,
 // staging and target paths must be absolute, clean, outside the storage
 // root and state directory, and below Options.PathPrefixes when set. No
-// network port is opened: NBD runs over socketpairs. Operations on one
+// network port is opened: NBD runs over socketpairs. One nbd.Server
+// serves every ploop volume of the Manager, an export each: a panic in one
+// volume's request path fails that export alone, and the volume's
+// condition says so; the others and the process carry on. A staged volume
+// of either kind counts as attached for the catalogue (Attached), which
+// then refuses to delete it. Operations on one
 // volume are serialised by a per-volume lock whose wait ends with the
 // caller's context (ErrBusy); operations on different volumes run in
 // parallel, and a failure of one volume is that volume's alone.

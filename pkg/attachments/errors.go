@@ -17,6 +17,10 @@ var (
 	// parameters, or something else is mounted where it should go
 	// (AlreadyExists).
 	ErrConflict = errors.New("staged or published with other parameters")
+	// ErrOtherTarget: a single-writer publish while the volume is
+	// published at another target (FailedPrecondition: the CO must
+	// unpublish the other first).
+	ErrOtherTarget = errors.New("volume is published at another target")
 	// ErrInUse: the volume is still published, so it cannot be unstaged
 	// (FailedPrecondition).
 	ErrInUse = errors.New("volume is still in use")

@@ -11,20 +11,23 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"github.com/ploop-csi/ploop-csi/pkg/mounts"
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
 	"k8s.io/klog/v2/ktesting"
 )
 
@@ -41,6 +44,7 @@ func TestKernel(t *testing.T) {
 		{Name: "ImageGone", Run: testImageGone},
 		{Name: "DeadLink", Run: testDeadLink},
 		{Name: "Parallel", Run: testParallel},
+		{Name: "SharedServer", Run: testSharedServer},
 	})
 }
 
@@ -136,15 +140,6 @@ func tctx(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-func mustRun(t *testing.T, name string, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
 func pattern(seed, n int) []byte {
 	b := make([]byte, n)
 	x := uint32(seed)*2654435761 + 1
@@ -212,7 +207,7 @@ func allocated(t *testing.T, dir string) int64 {
 
 func dropCaches(t *testing.T) {
 	t.Helper()
-	mustRun(t, "sync")
+	testcmd.Combined(t, "sync")
 	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3\n"), 0); err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +237,7 @@ func testExt4Lifecycle(t *testing.T) {
 	if b, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/backend"); err != nil || strings.TrimSpace(string(b)) != req.VolumeID {
 		t.Fatalf("backend of %s: %q, %v", dev, b, err)
 	}
-	if got := strings.TrimSpace(mustRun(t, "blkid", "-s", "LABEL", "-o", "value", dev)); got != "lifecycle" {
+	if got := strings.TrimSpace(testcmd.Combined(t, "blkid", "-s", "LABEL", "-o", "value", dev)); got != "lifecycle" {
 		t.Fatalf("label %q: mkfs options not applied", got)
 	}
 	if mi, ok, _ := mounts.Mounted(req.StagingPath); !ok || mi.FSType != "ext4" || !strings.Contains(strings.Join(mi.Options, ","), "noatime") {
@@ -320,7 +315,7 @@ func testExt4Lifecycle(t *testing.T) {
 	var sfs unix.Statfs_t
 	unix.Statfs(e.root, &sfs)
 	filler := filepath.Join(e.root, "filler")
-	mustRun(t, "fallocate", "-l", fmt.Sprint(int64(sfs.Bavail)*sfs.Bsize-4<<20), filler)
+	testcmd.Combined(t, "fallocate", "-l", fmt.Sprint(int64(sfs.Bavail)*sfs.Bsize-4<<20), filler)
 	wantAbnormal(t, mustStats(t, m, req.VolumeID, rw), "nearly full")
 	os.Remove(filler)
 	wantHealthy(t, mustStats(t, m, req.VolumeID, rw))
@@ -551,7 +546,7 @@ func testSimfs(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(rw, "f"), pattern(4, 2<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	mustRun(t, "sync")
+	testcmd.Combined(t, "sync")
 	if _, err := os.Stat(filepath.Join(vol.Path, "f")); err != nil {
 		t.Fatalf("file written through the target is not in the volume: %v", err)
 	}
@@ -569,16 +564,100 @@ func testSimfs(t *testing.T) {
 	if err := m.Unstage(ctx, vol.ID, req.StagingPath); !errors.Is(err, ErrInUse) {
 		t.Fatalf("unstage while published: %v", err)
 	}
+
+	// A single writer is the volume's only target: refused while others
+	// stand, and refusing others while it stands.
+	single := e.target("single")
+	pub := func(target string, singleWriter bool) error {
+		return m.Publish(ctx, PublishRequest{VolumeID: vol.ID, StagingPath: req.StagingPath, TargetPath: target, SingleWriter: singleWriter})
+	}
+	if err := pub(single, true); !errors.Is(err, ErrOtherTarget) {
+		t.Fatalf("single-writer publish while published at two targets: %v, want ErrOtherTarget", err)
+	}
 	for _, p := range []string{rw, ro} {
 		if err := m.Unpublish(ctx, vol.ID, p); err != nil {
 			t.Fatal(err)
 		}
+	}
+	for i := range 2 {
+		if err := pub(single, true); err != nil {
+			t.Fatalf("single-writer publish #%d: %v", i+1, err)
+		}
+	}
+	if err := pub(single, false); !errors.Is(err, ErrConflict) {
+		t.Fatalf("the single-writer target again as multi-writer: %v, want ErrConflict", err)
+	}
+	for _, other := range []bool{false, true} {
+		if err := pub(rw, other); !errors.Is(err, ErrOtherTarget) {
+			t.Fatalf("publish (singleWriter=%t) at a second target of a single-writer volume: %v, want ErrOtherTarget", other, err)
+		}
+	}
+	if mounted, err := mounts.New(klog.Background()).IsMountPoint(rw); err != nil || mounted {
+		t.Fatalf("a refused publish mounted %s: %t, %v", rw, mounted, err)
+	}
+	if err := m.Unpublish(ctx, vol.ID, single); err != nil {
+		t.Fatal(err)
 	}
 	if err := m.Unstage(ctx, vol.ID, req.StagingPath); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := os.Stat(filepath.Join(vol.Path, "f")); err != nil {
 		t.Fatalf("volume data after unstage: %v", err)
+	}
+}
+
+// testSharedServer: the Manager serves every ploop volume as an export of
+// its one nbd.Server; a failed export (a panic in its request path, stood
+// in for by the Failed hook) makes that volume's condition abnormal with a
+// message that says what to do, and no other volume's; unstaging a volume
+// removes its export and leaves the others serving.
+func testSharedServer(t *testing.T) {
+	e := newVMEnv(t, 512)
+	var failed atomic.Value // the id of the volume whose export has failed
+	failed.Store("")
+	m := e.manager(t, func(o *Options) {
+		o.exportFailed = func(v *serving.Volume) error {
+			if id := failed.Load().(string); id != "" && strings.HasSuffix(v.Path(), "/"+id) {
+				return &nbd.PanicError{Export: id, Value: "injected"}
+			}
+			return v.Failed()
+		}
+	})
+	ctx := tctx(t, 5*time.Minute)
+	ids := []string{"ploop-shared-a", "ploop-shared-b"}
+	var reqs []StageRequest
+	for _, id := range ids {
+		r := StageRequest{VolumeID: id, Kind: Ploop, Path: e.stack(t, id, 32<<20), StagingPath: filepath.Join(e.kubelet, "staging", id), Block: true}
+		if err := m.Stage(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+		reqs = append(reqs, r)
+	}
+	if got := m.srv.Exports(); len(got) != 2 || !slices.Contains(got, ids[0]) || !slices.Contains(got, ids[1]) {
+		t.Fatalf("exports of the node's server: %v, want both volumes", got)
+	}
+	for _, r := range reqs {
+		dev := m.get(r.VolumeID).served.Device()
+		testcmd.Combined(t, "dd", "if=/dev/urandom", "of="+dev, "bs=1M", "count=2", "oflag=direct", "status=none")
+		wantHealthy(t, mustStats(t, m, r.VolumeID, r.StagingPath))
+	}
+	failed.Store(ids[0])
+	wantAbnormal(t, mustStats(t, m, ids[0], reqs[0].StagingPath), "stopped serving the volume after an internal error")
+	wantHealthy(t, mustStats(t, m, ids[1], reqs[1].StagingPath))
+	failed.Store("")
+
+	if err := m.Unstage(ctx, ids[0], reqs[0].StagingPath); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.srv.Exports(); len(got) != 1 || got[0] != ids[1] {
+		t.Fatalf("exports after unstaging %s: %v", ids[0], got)
+	}
+	testcmd.Combined(t, "dd", "if="+m.get(ids[1]).served.Device(), "of=/dev/null", "bs=1M", "count=2", "iflag=direct", "status=none")
+	if err := m.Unstage(ctx, ids[1], reqs[1].StagingPath); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.srv.Exports(); len(got) != 0 {
+		t.Fatalf("exports after unstaging both: %v", got)
 	}
 }
 
@@ -663,14 +742,14 @@ func testTrim(t *testing.T) {
 	}
 	write := func(dir string, n int) {
 		t.Helper()
-		mustRun(t, "dd", "if=/dev/urandom", "of="+filepath.Join(dir, "big"), "bs=1M", fmt.Sprint("count=", n), "conv=fsync", "status=none")
+		testcmd.Combined(t, "dd", "if=/dev/urandom", "of="+filepath.Join(dir, "big"), "bs=1M", fmt.Sprint("count=", n), "conv=fsync", "status=none")
 	}
 	// Explicit trim.
 	base := allocated(t, req.Path)
 	write(req.StagingPath, mib)
 	full := allocated(t, req.Path)
 	os.Remove(filepath.Join(req.StagingPath, "big"))
-	mustRun(t, "sync")
+	testcmd.Combined(t, "sync")
 	n, err := m.Trim(ctx, req.VolumeID)
 	if err != nil {
 		t.Fatal(err)
@@ -687,7 +766,7 @@ func testTrim(t *testing.T) {
 	write(req.StagingPath, 32)
 	full = allocated(t, req.Path)
 	os.Remove(filepath.Join(req.StagingPath, "big"))
-	mustRun(t, "sync")
+	testcmd.Combined(t, "sync")
 	for range 2 {
 		select {
 		case <-passes:
@@ -704,7 +783,7 @@ func testTrim(t *testing.T) {
 	write(online.StagingPath, 64)
 	full = allocated(t, online.Path)
 	os.Remove(filepath.Join(online.StagingPath, "big"))
-	mustRun(t, "sync")
+	testcmd.Combined(t, "sync")
 	start := time.Now()
 	got := allocated(t, online.Path)
 	t.Logf("online discard: allocated %d -> %d -> %d MiB right after sync", base>>20, full>>20, got>>20)
@@ -875,10 +954,7 @@ func testKillUnderWriter(t *testing.T) {
 	if err := m.Stage(ctx, blk); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("e2fsck", "-fn", m.get(req.VolumeID).served.Device()).CombinedOutput()
-	if err != nil {
-		t.Fatalf("e2fsck -fn after the kills: %v\n%s", err, out)
-	}
+	testcmd.Combined(t, "e2fsck", "-fn", m.get(req.VolumeID).served.Device())
 	if err := m.Unstage(ctx, req.VolumeID, req.StagingPath); err != nil {
 		t.Fatal(err)
 	}

@@ -110,6 +110,9 @@ type Options struct {
 
 	// afterTrimPass, set by tests, runs after each periodic trim pass.
 	afterTrimPass func()
+	// exportFailed, set by tests, stands in for serving.Volume.Failed: a
+	// real export fails only on a panic in its request path.
+	exportFailed func(*serving.Volume) error
 }
 
 // Manager owns the attachments of one node: the ploop volumes it serves
@@ -127,6 +130,11 @@ type Manager struct {
 
 	kmu    sync.Mutex
 	kernel *nbd.Kernel // opened on first use: hosts without nbd serve simfs
+	// srv serves every ploop volume of the node, one export each (named
+	// by the volume id): a panic in one volume's request path fails that
+	// export alone (serving.Volume.Failed), never the others or the
+	// process.
+	srv *nbd.Server
 
 	mu     sync.Mutex
 	vols   map[string]*volume
@@ -169,6 +177,7 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		log:     opts.Logger.WithName("attachments"),
 		mounter: mounts.New(opts.Logger.WithName("mounts")),
 		state:   st,
+		srv:     nbd.New(nbd.ServerOptions{}),
 		vols:    map[string]*volume{},
 	}
 	start := time.Now()
@@ -357,7 +366,8 @@ func (m *Manager) closeKernel() {
 }
 
 // attachOptions are the serving options of volume id. The backend
-// identifier is the volume id: it is how recovery finds the device.
+// identifier is the volume id: it is how recovery finds the device. Every
+// volume is an export of the Manager's one server.
 func (m *Manager) attachOptions(id string) serving.AttachOptions {
 	a := m.opts.Attach
 	return serving.AttachOptions{
@@ -365,7 +375,17 @@ func (m *Manager) attachOptions(id string) serving.AttachOptions {
 		Connections:     a.Connections,
 		Timeout:         a.Timeout,
 		DeadConnTimeout: a.DeadConnTimeout,
+		Server:          m.srv,
 	}
+}
+
+// exportFailed says why the export of a served volume failed, nil when it
+// serves.
+func (m *Manager) exportFailed(v *serving.Volume) error {
+	if m.opts.exportFailed != nil {
+		return m.opts.exportFailed(v)
+	}
+	return v.Failed()
 }
 
 // serve opens the stack of rec and serves it to a kernel device: the

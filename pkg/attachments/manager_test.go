@@ -160,6 +160,10 @@ func TestSimfsLifecycle(t *testing.T) {
 	if _, err := m.Stats(ctx, req.VolumeID, filepath.Join(e.kubelet, "elsewhere")); !errors.Is(err, ErrNotStaged) {
 		t.Fatalf("stats at a path the volume is not at: %v", err)
 	}
+	// Staged, it must not be deleted: the catalogue asks Attached.
+	if ok, err := m.Attached(ctx, req.VolumeID); err != nil || !ok {
+		t.Fatalf("Attached of a staged simfs volume = %t, %v", ok, err)
+	}
 
 	// A restart keeps the volume.
 	if err := m.Close(); err != nil {
@@ -185,6 +189,9 @@ func TestSimfsLifecycle(t *testing.T) {
 	}
 	if _, err := m.Stats(ctx, req.VolumeID, req.StagingPath); !errors.Is(err, ErrNotStaged) {
 		t.Fatalf("stats after unstage: %v", err)
+	}
+	if ok, err := m.Attached(ctx, req.VolumeID); err != nil || ok {
+		t.Fatalf("Attached after unstage = %t, %v", ok, err)
 	}
 }
 

@@ -110,7 +110,11 @@ func (m *Manager) knowsPath(v *volume, p string) bool {
 // ErrNotAttached when this Manager does not serve the volume, and the
 // catalogue then runs the offline operation itself.
 
-// Attached reports whether this node serves volume id to a kernel device.
+// Attached reports whether volume id, of either kind, is staged on this
+// node, or its staging or unstaging is unfinished: the catalogue refuses
+// to delete it meanwhile (catalog.Online), which for a simfs volume is all
+// that keeps its directory from being removed under a pod. The online
+// operations ask for a served stack themselves.
 func (m *Manager) Attached(ctx context.Context, volumeID string) (bool, error) {
 	if err := ValidateVolumeID(volumeID); err != nil {
 		return false, err
@@ -118,8 +122,7 @@ func (m *Manager) Attached(ctx context.Context, volumeID string) (bool, error) {
 	if err := m.checkOpen(); err != nil {
 		return false, err
 	}
-	v := m.get(volumeID)
-	return v != nil && v.served != nil && v.served.Device() != "", nil
+	return m.get(volumeID) != nil, nil
 }
 
 // served returns the serving volume of id, or ErrNotAttached.

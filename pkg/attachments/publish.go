@@ -19,6 +19,10 @@ type PublishRequest struct {
 	// Block must match how the volume was staged.
 	Block    bool
 	ReadOnly bool
+	// SingleWriter (a single-writer access mode) refuses the publish with
+	// ErrOtherTarget while the volume is published at another target, and
+	// a later publish at another target while this one stands.
+	SingleWriter bool
 	// MountOptions apply to the bind mount (nosuid, noexec, ...).
 	MountOptions []string
 }
@@ -26,8 +30,11 @@ type PublishRequest struct {
 // Publish bind-mounts a staged volume onto the target: the staging mount
 // of a ploop filesystem, the device node of a Block volume (onto a file),
 // the directory of a simfs volume. A volume may be published at several
-// targets. Publish is idempotent: the same target again succeeds; the
-// same target with another read-only mode, or a target where something
+// targets, unless a publish is SingleWriter: that one is the volume's
+// only target, and a publish at a second target while it stands, or a
+// SingleWriter publish while another stands, is ErrOtherTarget. Publish
+// is idempotent: the same target again succeeds; the same target with
+// another read-only or single-writer mode, or a target where something
 // else is mounted, is ErrConflict. The publish is recorded before the
 // mount, so Unstage never detaches a volume a pod still uses.
 func (m *Manager) Publish(ctx context.Context, req PublishRequest) error {
@@ -100,13 +107,18 @@ func (m *Manager) publish(req PublishRequest) error {
 		return fmt.Errorf("publish %s: %w", id, err)
 	}
 	if t, ok := v.rec.target(req.TargetPath); ok {
-		if t.ReadOnly != req.ReadOnly {
-			return fmt.Errorf("publish %s: published at %s with readOnly=%t: %w", id, t.Path, t.ReadOnly, ErrConflict)
+		if t.ReadOnly != req.ReadOnly || t.SingleWriter != req.SingleWriter {
+			return fmt.Errorf("publish %s: published at %s with readOnly=%t, singleWriter=%t: %w", id, t.Path, t.ReadOnly, t.SingleWriter, ErrConflict)
 		}
 		if mounted {
 			return nil
 		}
 	} else {
+		for _, t := range v.rec.Targets {
+			if req.SingleWriter || t.SingleWriter {
+				return fmt.Errorf("publish %s at %s: it is published at %s, and a single-writer volume has one target: %w", id, req.TargetPath, t.Path, ErrOtherTarget)
+			}
+		}
 		if mounted {
 			return fmt.Errorf("publish %s: something else is mounted at %s: %w", id, req.TargetPath, ErrConflict)
 		}
@@ -114,7 +126,7 @@ func (m *Manager) publish(req PublishRequest) error {
 		if len(rec.Targets) >= maxTargets {
 			return fmt.Errorf("publish %s: already published at %d targets: %w", id, len(rec.Targets), ErrInvalid)
 		}
-		rec.Targets = append(rec.Targets, target{Path: req.TargetPath, ReadOnly: req.ReadOnly})
+		rec.Targets = append(rec.Targets, target{Path: req.TargetPath, ReadOnly: req.ReadOnly, SingleWriter: req.SingleWriter})
 		if v, err = m.save(v, rec); err != nil {
 			return err
 		}

@@ -63,6 +63,8 @@ type record struct {
 type target struct {
 	Path     string `json:"path"`
 	ReadOnly bool   `json:"readOnly,omitempty"`
+	// SingleWriter: the volume may have no other target meanwhile.
+	SingleWriter bool `json:"singleWriter,omitempty"`
 }
 
 // clone returns a deep copy, so that entries can be replaced instead of

@@ -83,6 +83,9 @@ func (m *Manager) ploopProblems(ctx context.Context, v *volume, st *VolumeStats)
 		return nil
 	}
 	dev := v.served.Device()
+	if err := m.exportFailed(v.served); err != nil {
+		return []string{fmt.Sprintf("the node plugin stopped serving the volume after an internal error (%v; its log has the details), so every I/O to %s fails while the other volumes carry on: stop the pods that use it, then unstage and stage it again, and report the error", err, dev)}
+	}
 	select {
 	case <-v.served.Gone():
 		return []string{fmt.Sprintf("the nbd device %s was disconnected by someone else, so every I/O to the volume fails: stop the pods that use it, then unstage and stage it again", dev)}

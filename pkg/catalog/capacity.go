@@ -25,8 +25,12 @@ type Capacity struct {
 	// types (and of expansions in progress).
 	ProvisionedBytes int64
 	// AvailableBytes is what can still be promised: TotalBytes × Ratio −
-	// ProvisionedBytes, never more than FreeBytes × Ratio, never negative.
+	// ProvisionedBytes, never more than FreeBytes × Ratio, never negative;
+	// 0 when Refused is set.
 	AvailableBytes int64
+	// Refused, when set, says why no volume of the type asked for can be
+	// created on this root at all (simfs without project quota).
+	Refused error
 }
 
 func (c Capacity) String() string {
@@ -66,11 +70,29 @@ func (c *Catalog) capacity() (Capacity, error) {
 	return Capacity{TotalBytes: total, FreeBytes: free, Ratio: c.ratio, ProvisionedBytes: prov, AvailableBytes: int64(avail)}, nil
 }
 
-// Capacity reports what the root can still promise (GetCapacity).
-func (c *Catalog) Capacity(ctx context.Context) (Capacity, error) {
+// Capacity reports what the root can still promise to volumes of type typ
+// (GetCapacity); "" means volumes of any type. A root that could not
+// create a single volume of the type promises nothing, so that a scheduler
+// picks another node: simfs volumes need project quota enforced, and
+// without it every creation fails.
+func (c *Catalog) Capacity(ctx context.Context, typ Type) (Capacity, error) {
+	switch typ {
+	case "", Ploop, Simfs:
+	default:
+		return Capacity{}, fmt.Errorf("capacity: type %q is not %s or %s: %w", typ, Ploop, Simfs, ErrInvalid)
+	}
 	capa, err := c.capacity()
 	if err != nil {
 		return Capacity{}, fmt.Errorf("capacity: %w", err)
+	}
+	if typ == Simfs {
+		d, err := c.dirs()
+		if err == nil {
+			err = needQuota(d)
+		}
+		if err != nil {
+			capa.AvailableBytes, capa.Refused = 0, err
+		}
 	}
 	return capa, nil
 }

@@ -1,6 +1,7 @@
 package catalog
 
 import (
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -53,7 +54,7 @@ func TestCapacityArithmetic(t *testing.T) {
 				}
 				prov += size
 			}
-			capa, err := c.Capacity(ctx)
+			capa, err := c.Capacity(ctx, "")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -79,7 +80,7 @@ func TestCapacityArithmetic(t *testing.T) {
 	if size, node, err := c.ExpandVolume(ctx, v.ID, 70*mib, 0); err != nil || size != 70*mib || !node {
 		t.Fatalf("expansion to the limit: %d %v %v", size, node, err)
 	}
-	if capa, _ := c.Capacity(ctx); capa.AvailableBytes != 0 {
+	if capa, _ := c.Capacity(ctx, ""); capa.AvailableBytes != 0 {
 		t.Fatalf("after expansion: %+v", capa)
 	}
 	_, err = c.CreateVolume(ctx, VolumeRequest{Name: "x", RequiredBytes: mib})
@@ -87,7 +88,7 @@ func TestCapacityArithmetic(t *testing.T) {
 	if err := c.DeleteVolume(ctx, v.ID); err != nil {
 		t.Fatal(err)
 	}
-	if capa, _ := c.Capacity(ctx); capa.AvailableBytes != 70*mib {
+	if capa, _ := c.Capacity(ctx, ""); capa.AvailableBytes != 70*mib {
 		t.Fatalf("after deletion: %+v", capa)
 	}
 }
@@ -99,7 +100,7 @@ func TestCapacityRealFilesystem(t *testing.T) {
 	c, _ := newCatalog(t, Options{})
 	ctx := testCtx(t)
 	for i := 0; ; i++ {
-		capa, err := c.Capacity(ctx)
+		capa, err := c.Capacity(ctx, "")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -122,7 +123,7 @@ func TestCapacityRealFilesystem(t *testing.T) {
 	}
 	_, err := c.CreateVolume(ctx, VolumeRequest{Name: "one-more", RequiredBytes: mib})
 	wantErr(t, err, ErrNoSpace, "the volume past the root's size")
-	capa, _ := c.Capacity(ctx)
+	capa, _ := c.Capacity(ctx, "")
 	if capa.ProvisionedBytes < capa.TotalBytes-mib {
 		t.Fatalf("provisioned %d of %d", capa.ProvisionedBytes, capa.TotalBytes)
 	}
@@ -152,5 +153,44 @@ func TestVolumeUsage(t *testing.T) {
 	if err != nil || ru.Volumes != 1 || ru.Snapshots != 1 || ru.AllocatedBytes < 8*mib || ru.AllocatedBytes > 10*mib ||
 		ru.ProvisionedBytes != 32*mib {
 		t.Fatalf("root: %+v, %v", ru, err)
+	}
+}
+
+// TestCapacityByType: the promise for simfs volumes is 0 on a root whose
+// filesystem does not enforce project quota, where every simfs creation
+// would fail, so that a scheduler never picks the node for them; ploop
+// volumes keep the whole promise. With quota, both get it.
+func TestCapacityByType(t *testing.T) {
+	statfs := func(string) (int64, int64, error) { return 100 * mib, 100 * mib, nil }
+	for _, tc := range []struct {
+		name        string
+		notEnforced error
+		simfs       int64
+	}{
+		{"quota", nil, 100 * mib},
+		{"noQuota", errors.New("prjquota is off"), 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			open := func(dir string) (dirVolumes, error) {
+				d, err := openDiskDirs(dir)
+				if err == nil {
+					d.(*diskDirs).notEnforced = tc.notEnforced
+				}
+				return d, err
+			}
+			c, _ := newCatalog(t, Options{statfs: statfs, openDirs: open})
+			ctx := testCtx(t)
+			for typ, want := range map[Type]int64{"": 100 * mib, Ploop: 100 * mib, Simfs: tc.simfs} {
+				capa, err := c.Capacity(ctx, typ)
+				if err != nil || capa.AvailableBytes != want || (capa.Refused != nil) != (want == 0) {
+					t.Errorf("capacity for %q: %+v, %v; want %d available", typ, capa, err, want)
+				}
+				if capa.Refused != nil && !errors.Is(capa.Refused, ErrPrecondition) {
+					t.Errorf("refused for %v, want ErrPrecondition", capa.Refused)
+				}
+			}
+			_, err := c.Capacity(ctx, "lvm")
+			wantErr(t, err, ErrInvalid, "capacity for an unknown type")
+		})
 	}
 }

@@ -62,8 +62,15 @@ type Options struct {
 	// DefaultSize is the size of a volume created without one; 0 means
 	// DefaultSize.
 	DefaultSize int64
-	// Simfs tunes the simfs root.
+	// Simfs tunes the simfs root the catalogue opens itself.
 	Simfs simfs.Options
+	// SimfsRoot, when set, is the storage root's simfs root (OpenSimfs),
+	// opened once by a process that shares it with the node's
+	// attachments: simfs.Open takes no lock, so two Roots on one directory
+	// in one process would serialise nothing between them. The catalogue
+	// uses it and leaves closing it to the caller. nil: the catalogue
+	// opens its own on the first simfs request.
+	SimfsRoot *simfs.Root
 
 	// Set only by tests of this package.
 	hook     func(point string) // called between the steps of every operation
@@ -122,6 +129,9 @@ func Open(dir string, opts Options) (*Catalog, error) {
 	}
 	if err := checkRoot(dir); err != nil {
 		return nil, fmt.Errorf("open storage root: %w", err)
+	}
+	if r := opts.SimfsRoot; r != nil && r.Path() != simfsPath(dir) {
+		return nil, fmt.Errorf("open storage root %s: the simfs root %s is not this root's %s: %w", dir, r.Path(), simfsPath(dir), ErrInvalid)
 	}
 	c := &Catalog{
 		root: dir, opts: opts, ratio: ratio,
@@ -201,10 +211,10 @@ func checkDir(p string) error {
 // Close releases the root's lock. Operations must have returned.
 func (c *Catalog) Close() error {
 	c.simfsMu.Lock()
-	if c.simfs != nil {
+	if c.simfs != nil && c.opts.SimfsRoot == nil {
 		c.simfs.Close()
-		c.simfs = nil
 	}
+	c.simfs = nil
 	c.simfsMu.Unlock()
 	if c.lock != nil {
 		err := c.lock.Close()

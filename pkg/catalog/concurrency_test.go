@@ -77,7 +77,7 @@ func TestConcurrency(t *testing.T) {
 				if _, _, err := c.ListSnapshots(ctx, SnapshotFilter{SourceVolume: shared.ID}, "", 0); err != nil {
 					fail("list snapshots: %v", err)
 				}
-				if _, err := c.Capacity(ctx); err != nil {
+				if _, err := c.Capacity(ctx, ""); err != nil {
 					fail("capacity: %v", err)
 				}
 				// Deletions race each other on the shared round snapshot.

@@ -33,13 +33,29 @@ type dirVolumes interface {
 
 var _ dirVolumes = (*simfs.Root)(nil)
 
-// simfsUnit is the granularity of simfs byte limits: simfs rounds limits up
-// to 4 KiB blocks (its blockSize); rounding here first makes the recorded
-// size equal to the limit simfs sets, which the VM test checks.
-const simfsUnit = 4096
+// simfsPath is the simfs root of the storage root dir.
+func simfsPath(dir string) string { return filepath.Join(dir, simfsDir) }
+
+// OpenSimfs opens the simfs root in which the catalogue of the storage root
+// dir keeps simfs volumes, creating it: for a process that shares it between
+// the catalogue (Options.SimfsRoot) and the node's attachments. The caller
+// closes it after both.
+func OpenSimfs(dir string, opts simfs.Options) (*simfs.Root, error) {
+	if !filepath.IsAbs(dir) || filepath.Clean(dir) != dir {
+		return nil, fmt.Errorf("open the simfs root of %q: the path must be absolute and clean: %w", dir, ErrInvalid)
+	}
+	if err := checkRoot(dir); err != nil {
+		return nil, fmt.Errorf("open the simfs root: %w", err)
+	}
+	r, err := openSimfs(simfsPath(dir), opts)
+	if err != nil {
+		return nil, fmt.Errorf("open the simfs root: %w", classify(err))
+	}
+	return r, nil
+}
 
 // openSimfs opens (creating) root/simfs as a simfs root.
-func openSimfs(dir string, opts simfs.Options) (dirVolumes, error) {
+func openSimfs(dir string, opts simfs.Options) (*simfs.Root, error) {
 	if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, os.ErrExist) {
 		return nil, err
 	}
@@ -58,11 +74,21 @@ func (c *Catalog) dirs() (dirVolumes, error) {
 	if c.simfs != nil {
 		return c.simfs, nil
 	}
+	if c.opts.SimfsRoot != nil {
+		c.simfs = c.opts.SimfsRoot
+		return c.simfs, nil
+	}
 	open := c.opts.openDirs
 	if open == nil {
-		open = func(dir string) (dirVolumes, error) { return openSimfs(dir, c.opts.Simfs) }
+		open = func(dir string) (dirVolumes, error) {
+			r, err := openSimfs(dir, c.opts.Simfs)
+			if err != nil {
+				return nil, err // not a nil *simfs.Root in a non-nil interface
+			}
+			return r, nil
+		}
 	}
-	d, err := open(filepath.Join(c.root, simfsDir))
+	d, err := open(simfsPath(c.root))
 	if err != nil {
 		return nil, fmt.Errorf("open the simfs root: %w", classify(err))
 	}

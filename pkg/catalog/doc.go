@@ -16,7 +16,9 @@
 //	ploop/snapshots/<id>/         a ploop snapshot's own stack: hard links to the
 //	                              frozen deltas plus an empty top
 //	simfs/                        the simfs.Root of simfs volumes and snapshots,
-//	                              opened on the first simfs request
+//	                              opened on the first simfs request, or opened
+//	                              once by a process that shares it with the
+//	                              node's attachments (OpenSimfs, Options.SimfsRoot)
 //
 // Records are written to a temporary file that is fsynced, renamed into
 // place, and the directory fsynced. Records are the truth about what
@@ -111,7 +113,9 @@
 // Capacity promises the root filesystem's size × the overcommit ratio
 // minus the provisioned sizes of all volumes of both types, never more
 // than the free space × the ratio. A creation or expansion beyond it fails
-// at once with ErrNoSpace, checked and recorded as one step. Sizes round up
+// at once with ErrNoSpace, checked and recorded as one step. A root whose
+// filesystem does not enforce project quota promises nothing to simfs
+// volumes (Capacity of type Simfs), since none could be created. Sizes round up
 // to 1 MiB for ploop and to simfs's 4 KiB quota unit; a ploop volume has at
 // most 2^24 clusters (16 TiB with the default 1 MiB clusters) so that its
 // block allocation table stays small in memory.

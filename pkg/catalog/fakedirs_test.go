@@ -114,7 +114,7 @@ func (d *diskDirs) create(id string, bytes, inodes uint64, source string) (simfs
 	if err := d.QuotaEnforced(); err != nil {
 		return simfs.Volume{}, err
 	}
-	bytes = (bytes + simfsUnit - 1) / simfsUnit * simfsUnit
+	bytes = (bytes + simfs.BlockSize - 1) / simfs.BlockSize * simfs.BlockSize
 	if m, err := d.meta("volumes", id); err == nil {
 		if m.Bytes != bytes || m.Inodes != inodes || m.Source != source {
 			return simfs.Volume{}, simfs.ErrExists
@@ -162,7 +162,7 @@ func (d *diskDirs) Expand(id string, bytes, inodes uint64) (simfs.Volume, error)
 	if err != nil {
 		return simfs.Volume{}, err
 	}
-	bytes = (bytes + simfsUnit - 1) / simfsUnit * simfsUnit
+	bytes = (bytes + simfs.BlockSize - 1) / simfs.BlockSize * simfs.BlockSize
 	if inodes == 0 {
 		inodes = m.Inodes
 	}

@@ -9,13 +9,13 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 )
 
@@ -166,10 +166,7 @@ func depth(t testing.TB, dir string) int {
 // our CheckStack on the directory.
 func qemuCheckStack(t testing.TB, dir string) {
 	t.Helper()
-	qemu, err := exec.LookPath("qemu-img")
-	if err != nil {
-		t.Fatalf("qemu-img is required by this test (Debian: apt-get install qemu-utils): %v", err)
-	}
+	testcmd.Need(t, "qemu-img")
 	d, err := ploop.ReadDescriptor(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -179,9 +176,8 @@ func qemuCheckStack(t testing.TB, dir string) {
 			continue
 		}
 		p := filepath.Join(dir, im.File)
-		out, err := exec.Command(qemu, "check", "-f", "parallels", p).CombinedOutput()
-		if err != nil || !strings.Contains(string(out), "No errors were found") {
-			t.Fatalf("qemu-img check %s: %v\n%s", p, err, out)
+		if out := testcmd.Combined(t, "qemu-img", "check", "-f", "parallels", p); !strings.Contains(out, "No errors were found") {
+			t.Fatalf("qemu-img check %s:\n%s", p, out)
 		}
 	}
 	rep, err := ploop.CheckStack(dir)

@@ -120,9 +120,14 @@ func testSimfsKernel(t *testing.T, fstype string) {
 
 	// A ploop volume on the same root; capacity counts both types.
 	p := mustCreate(t, c, VolumeRequest{Name: "p", RequiredBytes: 32 * mib})
-	capa, err := c.Capacity(ctx)
+	capa, err := c.Capacity(ctx, "")
 	if err != nil || capa.ProvisionedBytes != small.Size+12*mib+r.Size+cl.Size+p.Size {
 		t.Fatalf("capacity %+v, %v", capa, err)
+	}
+	// With project quota enforced, simfs volumes are promised what any
+	// volume is (the free space moves only with this test's own writes).
+	if sc, err := c.Capacity(ctx, Simfs); err != nil || sc.Refused != nil || sc.AvailableBytes == 0 || sc.ProvisionedBytes != capa.ProvisionedBytes {
+		t.Fatalf("simfs capacity with quota: %+v, %v", sc, err)
 	}
 	for _, id := range []string{v.ID, r.ID, cl.ID, p.ID} {
 		if cond, err := c.Condition(ctx, id); err != nil || cond.Abnormal {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 )
 
@@ -205,15 +206,8 @@ func (w *blockWriter) check(t *testing.T, what string, data []byte, from, to tim
 // waitFor waits until the writers made n more writes.
 func waitFor(t *testing.T, progress *atomic.Int64, n int64) {
 	t.Helper()
-	ctx := testCtx(t)
 	want := progress.Load() + n
-	for progress.Load() < want {
-		select {
-		case <-ctx.Done():
-			t.Fatal("the writers made no progress")
-		case <-time.After(time.Millisecond):
-		}
-	}
+	testcmd.WaitFor(t, time.Minute, "the writers' progress", func() (bool, error) { return progress.Load() >= want, nil })
 }
 
 // TestOnlineSnapshotWhileWriting: with a volume open and written by the

@@ -94,7 +94,7 @@ func TestSimfsVolumes(t *testing.T) {
 	if err != nil || u.AllocatedBytes != 10 || u.ProvisionedBytes != cl.Size {
 		t.Fatalf("usage %+v, %v", u, err)
 	}
-	capa, _ := c.Capacity(ctx)
+	capa, _ := c.Capacity(ctx, "")
 	if capa.ProvisionedBytes != size+withInodes.Size+r.Size+cl.Size {
 		t.Fatalf("capacity %+v", capa)
 	}
@@ -139,5 +139,57 @@ func TestSimfsWithoutQuota(t *testing.T) {
 	checkConsistent(t, c)
 	if l, _, _ := c.ListVolumes(ctx, "", 0); len(l) != 1 {
 		t.Fatalf("volumes %v", l)
+	}
+	// GetCapacity must not lead a scheduler here for simfs volumes.
+	if capa, err := c.Capacity(ctx, Simfs); err != nil || capa.AvailableBytes != 0 || !errors.Is(capa.Refused, ErrPrecondition) {
+		t.Fatalf("simfs capacity without quota: %+v, %v", capa, err)
+	}
+	if capa, err := c.Capacity(ctx, Ploop); err != nil || capa.AvailableBytes == 0 {
+		t.Fatalf("ploop capacity: %+v, %v", capa, err)
+	}
+}
+
+// TestSharedSimfsRoot: a process that shares the storage root's simfs root
+// between the catalogue and the node's attachments opens it once
+// (OpenSimfs); the catalogue uses that Root rather than a second one on the
+// same directory, and leaves closing it to the caller.
+func TestSharedSimfsRoot(t *testing.T) {
+	dir := t.TempDir()
+	r, err := OpenSimfs(dir, simfs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	if r.Path() != filepath.Join(dir, "simfs") {
+		t.Fatalf("simfs root at %s", r.Path())
+	}
+	c, err := Open(dir, Options{SimfsRoot: r})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := c.dirs()
+	if err != nil || d != dirVolumes(r) {
+		t.Fatalf("the catalogue's simfs root is %v (%v), not the shared one", d, err)
+	}
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Get("simfs-none"); !errors.Is(err, simfs.ErrNotFound) {
+		t.Fatalf("the shared root after the catalogue closed: %v", err)
+	}
+
+	other, err := OpenSimfs(t.TempDir(), simfs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if _, err := Open(dir, Options{SimfsRoot: other}); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("another root's simfs root: %v", err)
+	}
+	for _, bad := range []string{"relative", "/a/../b", filepath.Join(dir, "missing")} {
+		if r, err := OpenSimfs(bad, simfs.Options{}); err == nil {
+			r.Close()
+			t.Errorf("OpenSimfs(%q) succeeded", bad)
+		}
 	}
 }

@@ -158,7 +158,9 @@ func normalize(req VolumeRequest) (VolumeRequest, error) {
 // unitOf is the size granularity of a type.
 func unitOf(t Type) int64 {
 	if t == Simfs {
-		return simfsUnit
+		// Rounding to simfs's unit first makes the recorded size equal
+		// to the limit simfs sets.
+		return simfs.BlockSize
 	}
 	return ploopUnit
 }

@@ -283,9 +283,12 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 			return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil
 		}
 	}
-	c, err := s.d.cfg.Catalog.Capacity(ctx)
+	c, err := s.d.cfg.Catalog.Capacity(ctx, p.typ)
 	if err != nil {
 		return nil, err
+	}
+	if c.Refused != nil {
+		s.d.log.V(2).Info("no capacity for this type of volume", "type", p.typ, "reason", c.Refused.Error())
 	}
 	return &csi.GetCapacityResponse{AvailableCapacity: c.AvailableBytes}, nil
 }

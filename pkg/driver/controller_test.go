@@ -3,12 +3,15 @@ package driver
 import (
 	"fmt"
 	"maps"
+	"os"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
+
+	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
 // TestCreateVolumeTranslation: parameters and capabilities become the
@@ -388,7 +391,7 @@ func TestCapacity(t *testing.T) {
 		}
 		return r.GetAvailableCapacity()
 	}
-	before, err := e.cat.Capacity(ctx)
+	before, err := e.cat.Capacity(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -415,6 +418,17 @@ func TestCapacity(t *testing.T) {
 	}
 	_, err = e.ctl.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: map[string]string{"bogus": "1"}})
 	wantCode(t, "GetCapacity with a bad parameter", err, codes.InvalidArgument, "")
+	// simfs volumes need project quota, which this host's filesystems do
+	// not enforce: nothing is promised to them, so that a scheduler picks
+	// another node rather than one where every creation fails.
+	quota := quotaEnforced(t, e.root)
+	simfsReq := &csi.GetCapacityRequest{Parameters: map[string]string{ParamType: "simfs"}, VolumeCapabilities: []*csi.VolumeCapability{mountCap(snw, "")}}
+	switch got := capOf(simfsReq); {
+	case quota != nil && got != 0:
+		t.Errorf("simfs capacity %d on a root without project quota (%v), want 0", got, quota)
+	case quota == nil && !near(got):
+		t.Errorf("simfs capacity %d with project quota, catalogue %d", got, before.AvailableBytes)
+	}
 
 	tooBig := (before.AvailableBytes/gib + 16) * gib
 	_, err = e.ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "big", CapacityRange: &csi.CapacityRange{RequiredBytes: tooBig},
@@ -432,6 +446,23 @@ func TestCapacity(t *testing.T) {
 	if vs, _, _ := e.cat.ListVolumes(ctx, "", 0); len(vs) != 1 {
 		t.Errorf("%d volumes recorded, want 1 (refused creations leave nothing)", len(vs))
 	}
+}
+
+// quotaEnforced says, from simfs itself, why the filesystem of dir does not
+// enforce project quota, or nil when it does.
+func quotaEnforced(t *testing.T, dir string) error {
+	t.Helper()
+	probe, err := os.MkdirTemp(dir, "quota-probe-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(probe)
+	r, err := simfs.Open(probe, simfs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	return r.QuotaEnforced()
 }
 
 // TestOvercommit: with a small ratio, volumes are promised until the
@@ -452,7 +483,7 @@ func TestOvercommit(t *testing.T) {
 		}
 		provisioned += e.create(t, fmt.Sprint("v", i), avail, nil).GetCapacityBytes()
 	}
-	c, err := e.cat.Capacity(ctx)
+	c, err := e.cat.Capacity(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}

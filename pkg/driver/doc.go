@@ -55,9 +55,11 @@
 // Volumes are node-local: every volume is accessible from the segment
 // {topology.csi.ploop.io/node: <node id>} only. CreateVolume whose
 // requisite topology excludes this node is ResourceExhausted, so that a
-// scheduler tries another node; GetCapacity for another node's segment, or
-// for capabilities no volume here can have, is 0; otherwise it is what the
-// catalogue can still promise (size × overcommit ratio − provisioned).
+// scheduler tries another node; GetCapacity for another node's segment, for
+// capabilities no volume here can have, or for simfs volumes on a root
+// without enforced project quota (none could be created), is 0; otherwise
+// it is what the catalogue can still promise (size × overcommit ratio −
+// provisioned).
 //
 // # Volume condition
 //

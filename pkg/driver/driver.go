@@ -64,7 +64,7 @@ type Catalog interface {
 	GetSnapshot(ctx context.Context, id string) (catalog.Snapshot, error)
 	DeleteSnapshot(ctx context.Context, id string) error
 	ListSnapshots(ctx context.Context, f catalog.SnapshotFilter, token string, max int) ([]catalog.Snapshot, string, error)
-	Capacity(ctx context.Context) (catalog.Capacity, error)
+	Capacity(ctx context.Context, typ catalog.Type) (catalog.Capacity, error)
 	Health(ctx context.Context) error
 	Condition(ctx context.Context, id string) (catalog.Condition, error)
 	VolumePath(id string) (string, error)

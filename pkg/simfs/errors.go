@@ -34,8 +34,10 @@ const (
 	MaxBytes = uint64(1) << 50
 	// MaxInodes bounds a volume's inode limit.
 	MaxInodes = uint64(1) << 32
-	// blockSize is the granularity of byte limits: limits are rounded up to it.
-	blockSize = 4096
+	// BlockSize is the granularity of byte limits: limits are rounded up
+	// to it (the quota's unit), so a caller that records sizes rounds to it
+	// too.
+	BlockSize = 4096
 )
 
 // ValidateID checks a volume or snapshot id: 1..MaxIDLength characters from
@@ -79,7 +81,7 @@ func validateLimits(bytes, inodes uint64) (uint64, error) {
 	if inodes > MaxInodes {
 		return 0, fmt.Errorf("inode limit %d exceeds the maximum %d: %w", inodes, MaxInodes, ErrInvalid)
 	}
-	return (bytes + blockSize - 1) / blockSize * blockSize, nil
+	return (bytes + BlockSize - 1) / BlockSize * BlockSize, nil
 }
 
 // DefaultInodes is an inode limit for callers that only know a byte size

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,15 +20,9 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
-
-// attachmentsWired says whether cmd/ploop-csi serves the node with
-// pkg/attachments. Until it does, node calls fail by design and the sanity
-// cases would only show that; whoever wires the attachments in sets this to
-// true, and then the five sets must pass in CI. PLOOP_CSI_SANITY_UNWIRED=1
-// runs them anyway, to see how far the controller side gets.
-const attachmentsWired = false
 
 // TestSanityChild runs the suite when Run starts this binary as its child.
 func TestSanityChild(t *testing.T) { Child(t) }
@@ -40,16 +35,9 @@ func TestKernel(t *testing.T) {
 	if InChild() {
 		t.Skip("running as csi-sanity's child")
 	}
-	cases := []vmtest.Case{{Name: "Probe", Run: testProbe}}
-	sanity := attachmentsWired || os.Getenv("PLOOP_CSI_SANITY_UNWIRED") == "1"
-	if sanity {
-		for _, set := range Sets() {
-			cases = append(cases, vmtest.Case{Name: "Sanity_" + set.Name, Run: func(t *testing.T) { testSanity(t, set) }})
-		}
-	} else if !vmtest.InGuest() {
-		t.Run("Sanity", func(t *testing.T) {
-			t.Skip("pkg/attachments is not wired into cmd/ploop-csi yet (attachmentsWired); PLOOP_CSI_SANITY_UNWIRED=1 runs the sets anyway")
-		})
+	cases := []vmtest.Case{{Name: "Probe", Run: testProbe}, {Name: "DeleteInUse", Run: testDeleteInUse}}
+	for _, set := range Sets() {
+		cases = append(cases, vmtest.Case{Name: "Sanity_" + set.Name, Run: func(t *testing.T) { testSanity(t, set) }})
 	}
 	vmtest.Run(t, vmtest.Options{Timeout: 50 * time.Minute, Prepare: buildDriver}, cases)
 }
@@ -120,6 +108,22 @@ func (d *driverProc) stop(t *testing.T) {
 	}
 }
 
+// klogError matches klog's error and fatal lines ("E1202 03:04:05.123456 ...").
+var klogError = regexp.MustCompile(`^[EF]\d{4} \d{2}:\d{2}:\d{2}\.\d{6} `)
+
+// checkLog fails t for every call the driver failed as its own fault
+// (Internal, Unavailable, ...: logged as errors) and for every other error
+// it logged. csi-sanity accepts any error code for some requests, so a
+// node failure could otherwise pass as a refusal.
+func (d *driverProc) checkLog(t *testing.T) {
+	t.Helper()
+	for _, l := range strings.Split(d.out.String(), "\n") {
+		if klogError.MatchString(l) || strings.HasPrefix(l, "panic") {
+			t.Errorf("ploop-csi logged an error: %s", l)
+		}
+	}
+}
+
 func testCtx(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
@@ -169,9 +173,7 @@ func testProbe(t *testing.T) {
 	// it by path is read-only (the catalogue's open lock file keeps the
 	// filesystem itself from being remounted read-only under it).
 	for _, args := range [][]string{{"--bind", root, root}, {"-o", "remount,bind,ro", root}} {
-		if out, err := exec.Command("mount", args...).CombinedOutput(); err != nil {
-			t.Fatalf("mount %v: %v %s", args, err, out)
-		}
+		testcmd.Combined(t, "mount", args...)
 	}
 	probe(codes.FailedPrecondition, "read-only")
 	if err := unix.Unmount(root, 0); err != nil {
@@ -202,8 +204,12 @@ func testSanity(t *testing.T, set Set) {
 	r := Run(ctx, t, "TestSanityChild", set, "unix://"+d.sock, work)
 	r.Check(t)
 	d.stop(t)
+	d.checkLog(t)
 
-	for _, dir := range []string{"catalog/volumes", "catalog/snapshots", "ploop/volumes", "ploop/snapshots"} {
+	// Records, images and directories of both types, and the node's
+	// records of what it has staged.
+	for _, dir := range []string{"catalog/volumes", "catalog/snapshots", "ploop/volumes", "ploop/snapshots",
+		"simfs/volumes", "simfs/snapshots", "nodes/sanity-vm/volumes"} {
 		if ents, err := os.ReadDir(filepath.Join(root, dir)); err != nil || len(ents) != 0 {
 			t.Errorf("%s after the suite: %v %v", dir, names(ents), err)
 		}
@@ -227,4 +233,72 @@ func names(ents []os.DirEntry) []string {
 		out = append(out, e.Name())
 	}
 	return out
+}
+
+// testDeleteInUse: a volume of either type that is staged and published on
+// the node is not deleted (FailedPrecondition) and its data stays; once
+// unpublished and unstaged it is. A simfs volume has no stack lock to
+// refuse the deletion: the node's attachments must say it is staged.
+func testDeleteInUse(t *testing.T) {
+	ctx := testCtx(t, 5*time.Minute)
+	mnt := vmtest.ScratchFS(t, "ext4", 512)
+	root := filepath.Join(mnt, "root")
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	work := t.TempDir()
+	d := startDriver(t, ctx, root, work, "--kubelet-dir", work)
+	ctl, node := csi.NewControllerClient(d.conn), csi.NewNodeClient(d.conn)
+	for _, typ := range []string{"simfs", "ploop"} {
+		t.Run(typ, func(t *testing.T) {
+			mount := &csi.VolumeCapability{
+				AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+				AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			}
+			v, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "in-use-" + typ, Parameters: map[string]string{"type": typ},
+				CapacityRange: &csi.CapacityRange{RequiredBytes: 64 << 20}, VolumeCapabilities: []*csi.VolumeCapability{mount}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := v.GetVolume().GetVolumeId()
+			staging, target := filepath.Join(work, typ, "staging"), filepath.Join(work, typ, "target")
+			if err := os.MkdirAll(staging, 0o750); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+				VolumeCapability: mount, VolumeContext: v.GetVolume().GetVolumeContext()}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target,
+				VolumeCapability: mount, VolumeContext: v.GetVolume().GetVolumeContext()}); err != nil {
+				t.Fatal(err)
+			}
+			data := filepath.Join(target, "data")
+			if err := os.WriteFile(data, []byte("still here"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			_, err = ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+			if status.Code(err) != codes.FailedPrecondition {
+				t.Fatalf("DeleteVolume of a published %s volume: %v, want FailedPrecondition", typ, err)
+			}
+			if b, err := os.ReadFile(data); err != nil || string(b) != "still here" {
+				t.Fatalf("the volume's data after the refused deletion: %q, %v", b, err)
+			}
+			if _, err := node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: id, TargetPath: target}); err != nil {
+				t.Fatal(err)
+			}
+			_, err = ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+			if status.Code(err) != codes.FailedPrecondition {
+				t.Fatalf("DeleteVolume of a staged %s volume: %v, want FailedPrecondition", typ, err)
+			}
+			if _, err := node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+				t.Fatalf("DeleteVolume after unstage: %v", err)
+			}
+		})
+	}
+	d.stop(t)
+	d.checkLog(t)
 }
