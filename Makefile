@@ -50,7 +50,10 @@ lint:
 bench:
 	./test/bench/run.sh
 
+# The CSI lifecycle through the real driver's gRPC API, printed step by step
+# (test/e2e/demo); in the test VM when this kernel lacks nbd or quota.
 demo: build
+	$(GO) build -o $(BIN)/ ./test/e2e/cmd/csidemo ./test/e2e/cmd/vmrun
 	./test/demo.sh
 
 # Run one command as root inside the test VM (real kernel with nbd and quota);

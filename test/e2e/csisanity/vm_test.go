@@ -29,13 +29,14 @@ func TestSanityChild(t *testing.T) { Child(t) }
 
 // TestKernel runs the real ploop-csi binary in mode all inside the test VM
 // (real nbd, mkfs, mounts and project quota): Probe against a root that
-// fills up and turns read-only, and csi-sanity for the five parameter sets
-// of Sets, each on a fresh storage root, each leaving nothing behind.
+// fills up and turns read-only, `make demo`'s lifecycle (demo_test.go), and
+// csi-sanity for the five parameter sets of Sets, each on a fresh storage
+// root, each leaving nothing behind.
 func TestKernel(t *testing.T) {
 	if InChild() {
 		t.Skip("running as csi-sanity's child")
 	}
-	cases := []vmtest.Case{{Name: "Probe", Run: testProbe}, {Name: "DeleteInUse", Run: testDeleteInUse}}
+	cases := []vmtest.Case{{Name: "Probe", Run: testProbe}, {Name: "DeleteInUse", Run: testDeleteInUse}, {Name: "Demo", Run: testDemo}}
 	for _, set := range Sets() {
 		cases = append(cases, vmtest.Case{Name: "Sanity_" + set.Name, Run: func(t *testing.T) { testSanity(t, set) }})
 	}
