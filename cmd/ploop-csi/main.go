@@ -90,7 +90,7 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 		"to volumes; 1.0 means no overcommit")
 	fs.DurationVar(&o.trimInterval, "trim-interval", time.Hour, "how often staged ploop filesystems are trimmed, so that freed space returns to the storage root; 0 turns it off")
 	fs.DurationVar(&o.tidyInterval, "tidy-interval", driver.DefaultTidyInterval, "how often merges left pending in ploop chains are retried (also once at start); 0 turns the periodic run off")
-	fs.IntVar(&o.nbdConnections, "nbd-connections", 0, "sockets per nbd device; 0 takes pkg/nbd's default (4)")
+	fs.IntVar(&o.nbdConnections, "nbd-connections", 0, "sockets per nbd device; 0 takes pkg/nbd's default (1: with one socket and no timeout the kernel never resends a slow request)")
 	fs.DurationVar(&o.nbdTimeout, "nbd-timeout", 0, "the kernel's per-request nbd timeout, whole seconds; 0 takes pkg/nbd's default")
 	fs.DurationVar(&o.deadConnTimeout, "dead-conn-timeout", 0, "how long the kernel holds a device's I/O while no process serves it "+
 		"(the longest a restart of this process may take), whole seconds; 0 takes pkg/nbd's default (2m)")
