@@ -1072,14 +1072,30 @@ func testImageGone(t *testing.T) {
 	wantClean(t, kept.Path)
 }
 
-// testDeadLink: the staging mount vanishes (reported; publish refuses;
-// Stage mounts it again), then someone else disconnects the device: the
-// volume reports abnormal and still unstages.
+// testDeadLink: the ext4 filesystem logs an error (reported until the
+// volume is staged again, whose fsck clears it); the staging mount vanishes
+// (reported; publish refuses; Stage mounts it again); then someone else
+// disconnects the device: the volume reports abnormal and still unstages.
 func testDeadLink(t *testing.T) {
 	e := newVMEnv(t, 512)
 	m := e.manager(t, nil)
 	ctx := tctx(t, 5*time.Minute)
 	req := e.ploopReq(t, "ploop-dead", 64<<20, "")
+	if err := m.Stage(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	wantHealthy(t, mustStats(t, m, req.VolumeID, req.StagingPath))
+
+	// The filesystem logs an error (the kernel's test hook): abnormal, and
+	// the message's remedy works: staged again, fsck clears the record.
+	dev := m.get(req.VolumeID).served.Device()
+	if err := os.WriteFile(filepath.Join("/sys/fs/ext4", filepath.Base(dev), "trigger_fs_error"), []byte("test\n"), 0); err != nil {
+		t.Fatal(err)
+	}
+	wantAbnormal(t, mustStats(t, m, req.VolumeID, req.StagingPath), "logged")
+	if err := m.Unstage(ctx, req.VolumeID, req.StagingPath); err != nil {
+		t.Fatal(err)
+	}
 	if err := m.Stage(ctx, req); err != nil {
 		t.Fatal(err)
 	}
