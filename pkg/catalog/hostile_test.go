@@ -143,8 +143,15 @@ func TestHostileIDs(t *testing.T) {
 			t.Errorf("CreateVolume(%q, %d) = %v", req.Name[:min(len(req.Name), 10)], req.RequiredBytes, err)
 		}
 	}
-	if _, _, err := c.ExpandVolume(ctx, v.ID, 1<<62, 0); !errors.Is(err, ErrOutOfRange) {
-		t.Errorf("absurd expansion: %v", err)
+	// v has 4 MiB: an expansion to at most 3 MiB cannot be met, whatever
+	// it requires (volumes do not shrink).
+	for _, r := range [][2]int64{{1 << 62, 0}, {2 * mib, 3 * mib}, {0, 3 * mib}, {0, 1}} {
+		if _, _, err := c.ExpandVolume(ctx, v.ID, r[0], r[1]); !errors.Is(err, ErrOutOfRange) {
+			t.Errorf("absurd expansion [%d, %d]: %v", r[0], r[1], err)
+		}
+	}
+	if size, _, err := c.ExpandVolume(ctx, v.ID, 2*mib, 4*mib); err != nil || size != 4*mib {
+		t.Errorf("expansion to at most the volume's size: %d, %v", size, err)
 	}
 	if _, err := c.CreateSnapshot(ctx, "nul\x00", v.ID); !errors.Is(err, ErrInvalid) {
 		t.Errorf("snapshot with a NUL name: %v", err)

@@ -626,8 +626,10 @@ func (c *Catalog) finishDeleteVolume(r *volumeRecord) error {
 // ExpandVolume grows a volume to the capacity range (rounded as in
 // CreateVolume) and reports the new size and whether the node must expand
 // too (ploop: the device and filesystem; simfs: no, the quota is the
-// size). A size at or below the current one changes nothing. An attached
-// ploop volume is grown online by the process serving it.
+// size). A size at or below the current one changes nothing, unless the
+// limit is below the current size: volumes never shrink, so that range
+// cannot be met (ErrOutOfRange). An attached ploop volume is grown online
+// by the process serving it.
 func (c *Catalog) ExpandVolume(ctx context.Context, id string, required, limit int64) (int64, bool, error) {
 	size, node, err := c.expandVolume(ctx, id, required, limit)
 	if err != nil {
@@ -658,6 +660,9 @@ func (c *Catalog) expandVolume(ctx context.Context, id string, required, limit i
 		return 0, false, err
 	}
 	if size <= r.Size {
+		if limit > 0 && r.Size > limit {
+			return 0, false, fmt.Errorf("volume %s has %d bytes, more than the limit of %d, and volumes do not shrink: %w", id, r.Size, limit, ErrOutOfRange)
+		}
 		return r.Size, typ == Ploop, nil
 	}
 	release, err := c.reserve(size - r.Size)

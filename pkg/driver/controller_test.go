@@ -514,6 +514,8 @@ func TestExpand(t *testing.T) {
 		{&csi.ControllerExpandVolumeRequest{VolumeId: v.GetVolumeId(), CapacityRange: &csi.CapacityRange{RequiredBytes: -1}}, codes.InvalidArgument},
 		{&csi.ControllerExpandVolumeRequest{VolumeId: v.GetVolumeId(), CapacityRange: &csi.CapacityRange{RequiredBytes: 1 << 62}}, codes.OutOfRange},
 		{&csi.ControllerExpandVolumeRequest{VolumeId: v.GetVolumeId(), CapacityRange: &csi.CapacityRange{RequiredBytes: 20*mib + 1, LimitBytes: 20 * mib}}, codes.InvalidArgument},
+		// The volume has 9 MiB and volumes do not shrink.
+		{&csi.ControllerExpandVolumeRequest{VolumeId: v.GetVolumeId(), CapacityRange: &csi.CapacityRange{RequiredBytes: mib, LimitBytes: 8 * mib}}, codes.OutOfRange},
 		{&csi.ControllerExpandVolumeRequest{VolumeId: "ploop-00000000-0000-4000-8000-000000000000", CapacityRange: &csi.CapacityRange{RequiredBytes: mib}}, codes.NotFound},
 	} {
 		_, err := e.ctl.ControllerExpandVolume(ctx, tc.req)

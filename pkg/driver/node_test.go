@@ -137,6 +137,14 @@ func TestNodeTranslation(t *testing.T) {
 	wantCode(t, "node expand beyond the controller's", err, codes.OutOfRange, "ControllerExpandVolume")
 	_, err = e.nd.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v.GetVolumeId(), VolumePath: e.kdir + "/elsewhere"})
 	wantCode(t, "node expand at an unknown path", err, codes.NotFound, "")
+	// A range that is no range is refused before anything is looked up,
+	// on a volume that is not staged as on one that is.
+	for _, id := range []string{v.GetVolumeId(), x.GetVolumeId()} {
+		for _, cr := range []*csi.CapacityRange{{RequiredBytes: -1}, {LimitBytes: -1}, {RequiredBytes: 9 * mib, LimitBytes: 8 * mib}} {
+			_, err = e.nd.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target("m1"), CapacityRange: cr})
+			wantCode(t, fmt.Sprintf("node expand of %s to %v", id, cr), err, codes.InvalidArgument, "capacity_range")
+		}
+	}
 }
 
 // TestLegacyCondition: VolumeCondition reaches a CO built against CSI 1.12

@@ -228,6 +228,11 @@ func (s *nodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVo
 			return nil, err
 		}
 	}
+	if cr := req.GetCapacityRange(); cr != nil {
+		if err := rangeShape("capacity_range", cr); err != nil {
+			return nil, err
+		}
+	}
 	if c := req.GetVolumeCapability(); c != nil {
 		pc, err := parseCapability(c)
 		if err != nil {

@@ -95,6 +95,20 @@ func required(fields ...string) error {
 	return nil
 }
 
+// rangeShape checks a capacity range that is compared with a volume's
+// size rather than handed to the catalogue (NodeExpandVolume): negative
+// sizes, or a limit below what is required, are no range at all.
+func rangeShape(field string, cr *csi.CapacityRange) error {
+	req, lim := cr.GetRequiredBytes(), cr.GetLimitBytes()
+	switch {
+	case req < 0 || lim < 0:
+		return fmt.Errorf("%s [%d, %d] is negative: %w", field, req, lim, catalog.ErrInvalid)
+	case lim > 0 && req > lim:
+		return fmt.Errorf("%s: required %d bytes exceed the limit of %d: %w", field, req, lim, catalog.ErrInvalid)
+	}
+	return nil
+}
+
 // pathShape checks what any path must be before it is compared or used:
 // set, bounded, without NUL, absolute and clean.
 func pathShape(field, p string) error {

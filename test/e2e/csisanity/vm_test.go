@@ -1,15 +1,10 @@
 package csisanity
 
 import (
-	"bytes"
 	"context"
-	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -17,10 +12,10 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/ploop-csi/ploop-csi/internal/testcmd"
+	"github.com/ploop-csi/ploop-csi/test/e2e/csidriver"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
 
@@ -40,90 +35,33 @@ func TestKernel(t *testing.T) {
 	for _, set := range Sets() {
 		cases = append(cases, vmtest.Case{Name: "Sanity_" + set.Name, Run: func(t *testing.T) { testSanity(t, set) }})
 	}
-	vmtest.Run(t, vmtest.Options{Timeout: 50 * time.Minute, Prepare: buildDriver}, cases)
+	vmtest.Run(t, vmtest.Options{Timeout: 50 * time.Minute, Prepare: csidriver.Build}, cases)
 }
 
-// buildDriver builds ploop-csi into the exchange directory.
-func buildDriver(xchg string) error {
-	out, err := exec.Command("go", "build", "-ldflags", "-X main.version=v0.0.0-vmtest", "-o", filepath.Join(xchg, "ploop-csi"),
-		"github.com/ploop-csi/ploop-csi/cmd/ploop-csi").CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("go build ploop-csi: %v\n%s", err, out)
-	}
-	return nil
-}
-
-// driverProc is a running ploop-csi.
+// driverProc is a running ploop-csi (test/e2e/csidriver) as this file
+// uses it.
 type driverProc struct {
-	cmd  *exec.Cmd
-	out  *bytes.Buffer
-	sock string
+	*csidriver.Driver
 	conn *grpc.ClientConn
+	sock string
 }
 
 // startDriver runs ploop-csi in mode all on root and waits until it
 // answers Probe.
 func startDriver(t *testing.T, ctx context.Context, root, work string, extra ...string) *driverProc {
 	t.Helper()
-	d := &driverProc{out: &bytes.Buffer{}, sock: filepath.Join(work, "csi.sock")}
-	args := append([]string{"--nodeid", "sanity-vm", "--storage-root", root, "--endpoint", "unix://" + d.sock, "--v", "2"}, extra...)
-	d.cmd = exec.Command(filepath.Join(vmtest.ExchangeDir(), "ploop-csi"), args...)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if d.cmd.ProcessState == nil {
-			d.cmd.Process.Kill()
-			d.cmd.Wait()
-		}
-		if t.Failed() {
-			t.Logf("ploop-csi log:\n%s", tail(d.out.String(), 200))
-		}
-	})
-	var err error
-	d.conn, err = grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.conn.Close() })
-	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancel()
-	if _, err := csi.NewIdentityClient(d.conn).Probe(wctx, &csi.ProbeRequest{}, grpc.WaitForReady(true)); err != nil {
-		t.Fatalf("ploop-csi did not come up: %v\n%s", err, d.out.String())
-	}
-	return d
+	d := csidriver.Start(t, ctx, csidriver.Config{Root: root, Socket: filepath.Join(work, "csi.sock"), NodeID: "sanity-vm", Args: extra})
+	return &driverProc{Driver: d, conn: d.Conn, sock: d.Socket}
 }
 
 // stop sends SIGTERM and expects a clean exit.
-func (d *driverProc) stop(t *testing.T) {
-	t.Helper()
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.cmd.Wait(); err != nil {
-		t.Errorf("ploop-csi after SIGTERM: %v", err)
-	}
-	if _, err := os.Lstat(d.sock); !os.IsNotExist(err) {
-		t.Errorf("socket left behind: %v", err)
-	}
-}
-
-// klogError matches klog's error and fatal lines ("E1202 03:04:05.123456 ...").
-var klogError = regexp.MustCompile(`^[EF]\d{4} \d{2}:\d{2}:\d{2}\.\d{6} `)
+func (d *driverProc) stop(t *testing.T) { d.Stop(t) }
 
 // checkLog fails t for every call the driver failed as its own fault
 // (Internal, Unavailable, ...: logged as errors) and for every other error
 // it logged. csi-sanity accepts any error code for some requests, so a
 // node failure could otherwise pass as a refusal.
-func (d *driverProc) checkLog(t *testing.T) {
-	t.Helper()
-	for _, l := range strings.Split(d.out.String(), "\n") {
-		if klogError.MatchString(l) || strings.HasPrefix(l, "panic") {
-			t.Errorf("ploop-csi logged an error: %s", l)
-		}
-	}
-}
+func (d *driverProc) checkLog(t *testing.T) { d.CheckLog(t) }
 
 func testCtx(t *testing.T, d time.Duration) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), d)
