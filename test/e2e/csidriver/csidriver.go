@@ -195,8 +195,15 @@ var klogError = regexp.MustCompile(`^[EF]\d{4} \d{2}:\d{2}:\d{2}\.\d{6} `)
 // panic, except lines matching one of allowed.
 func (d *Driver) CheckLog(t testing.TB, allowed ...*regexp.Regexp) {
 	t.Helper()
+	CheckLog(t, d.Log(), allowed...)
+}
+
+// CheckLog is Driver.CheckLog for the output of a driver started some
+// other way (the demo's).
+func CheckLog(t testing.TB, log string, allowed ...*regexp.Regexp) {
+	t.Helper()
 lines:
-	for _, l := range strings.Split(d.Log(), "\n") {
+	for _, l := range strings.Split(log, "\n") {
 		if !klogError.MatchString(l) && !strings.HasPrefix(l, "panic") {
 			continue
 		}

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ploop-csi/ploop-csi/test/e2e/csidriver"
 	"github.com/ploop-csi/ploop-csi/test/e2e/demo"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
@@ -30,7 +31,7 @@ func testDemo(t *testing.T) {
 		if err != nil {
 			t.Errorf("demo: %v\nploop-csi log:\n%s", err, tail(log.String(), 200))
 		}
-		(&driverProc{out: &log}).checkLog(t)
+		csidriver.CheckLog(t, log.String())
 		leftovers(t)
 	})
 	t.Run("DriverDies", func(t *testing.T) {
