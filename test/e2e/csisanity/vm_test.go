@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -17,10 +16,10 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
 	"github.com/ploop-csi/ploop-csi/internal/testcmd"
+	"github.com/ploop-csi/ploop-csi/test/e2e/driverproc"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
 
@@ -55,7 +54,7 @@ func buildDriver(xchg string) error {
 
 // driverProc is a running ploop-csi.
 type driverProc struct {
-	cmd  *exec.Cmd
+	*driverproc.Proc
 	out  *bytes.Buffer
 	sock string
 	conn *grpc.ClientConn
@@ -66,43 +65,28 @@ type driverProc struct {
 func startDriver(t *testing.T, ctx context.Context, root, work string, extra ...string) *driverProc {
 	t.Helper()
 	d := &driverProc{out: &bytes.Buffer{}, sock: filepath.Join(work, "csi.sock")}
-	args := append([]string{"--nodeid", "sanity-vm", "--storage-root", root, "--endpoint", "unix://" + d.sock, "--v", "2"}, extra...)
-	d.cmd = exec.Command(filepath.Join(vmtest.ExchangeDir(), "ploop-csi"), args...)
-	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
-	if err := d.cmd.Start(); err != nil {
-		t.Fatal(err)
+	p, err := driverproc.Start(ctx, driverproc.Config{
+		Binary: filepath.Join(vmtest.ExchangeDir(), "ploop-csi"), Socket: d.sock, Output: d.out,
+		Args: append([]string{"--nodeid", "sanity-vm", "--storage-root", root, "--v", "2"}, extra...),
+	})
+	if err != nil {
+		t.Fatalf("ploop-csi did not come up: %v\n%s", err, d.out.String())
 	}
+	d.Proc, d.conn = p, p.Conn
 	t.Cleanup(func() {
-		if d.cmd.ProcessState == nil {
-			d.cmd.Process.Kill()
-			d.cmd.Wait()
-		}
+		p.Kill()
 		if t.Failed() {
 			t.Logf("ploop-csi log:\n%s", tail(d.out.String(), 200))
 		}
 	})
-	var err error
-	d.conn, err = grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { d.conn.Close() })
-	wctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancel()
-	if _, err := csi.NewIdentityClient(d.conn).Probe(wctx, &csi.ProbeRequest{}, grpc.WaitForReady(true)); err != nil {
-		t.Fatalf("ploop-csi did not come up: %v\n%s", err, d.out.String())
-	}
 	return d
 }
 
 // stop sends SIGTERM and expects a clean exit.
 func (d *driverProc) stop(t *testing.T) {
 	t.Helper()
-	if err := d.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	if err := d.cmd.Wait(); err != nil {
-		t.Errorf("ploop-csi after SIGTERM: %v", err)
+	if err := d.Stop(time.Minute); err != nil {
+		t.Error(err)
 	}
 	if _, err := os.Lstat(d.sock); !os.IsNotExist(err) {
 		t.Errorf("socket left behind: %v", err)
