@@ -24,8 +24,8 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/ploop-csi/ploop-csi/test/e2e/driverproc"
 )
 
 // Config is what Run needs.
@@ -62,11 +62,8 @@ type session struct {
 	mounted bool   // the storage root's file system
 	root    string // the storage root
 
-	driver    *exec.Cmd
+	driver    *driverproc.Proc
 	driverLog string // file, when Config.DriverLog is nil
-	exited    chan struct{}
-	exitErr   error
-	conn      *grpc.ClientConn
 	ident     csi.IdentityClient
 	ctl       csi.ControllerClient
 	node      csi.NodeClient
@@ -230,13 +227,12 @@ func (s *session) setUp(ctx context.Context) error {
 	}
 
 	sock := filepath.Join(s.work, "csi.sock")
-	args := []string{"--mode", "all", "--nodeid", nodeID, "--storage-root", s.root, "--endpoint", "unix://" + sock,
-		"--kubelet-dir", s.work, "--v", "2"}
+	args := []string{"--mode", "all", "--nodeid", nodeID, "--storage-root", s.root, "--kubelet-dir", s.work, "--v", "2"}
 	s.note("ploop-csi serves identity, controller and node on a 0600 unix socket; no network port.")
 	s.note("--kubelet-dir confines staging and target paths to $W, as kubelet's directory would.")
-	shown := make([]string, len(args))
-	for i, a := range args {
-		shown[i] = strings.ReplaceAll(a, s.work, "$W")
+	shown := []string{"--endpoint", "unix://" + s.short(sock)}
+	for _, a := range args {
+		shown = append(shown, strings.ReplaceAll(a, s.work, "$W"))
 	}
 	logTo := s.cfg.DriverLog
 	redirect := ""
@@ -251,46 +247,13 @@ func (s *session) setUp(ctx context.Context) error {
 		redirect = " >$W/ploop-csi.log 2>&1"
 	}
 	s.printf("$ %s %s%s &\n", s.cfg.Driver, strings.Join(shown, " "), redirect)
-	s.driver = exec.Command(s.cfg.Driver, args...)
-	s.driver.Stdout, s.driver.Stderr = logTo, logTo
-	if err := s.driver.Start(); err != nil {
-		return err
-	}
-	s.exited = make(chan struct{})
-	go func() {
-		s.exitErr = s.driver.Wait()
-		close(s.exited)
-	}()
-	var err error
-	s.conn, err = grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return err
-	}
-	s.ident, s.ctl, s.node = csi.NewIdentityClient(s.conn), csi.NewControllerClient(s.conn), csi.NewNodeClient(s.conn)
-
-	// Wait for the socket and the first Probe, or for the driver to die.
-	pctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
-	defer cancel()
-	go func() {
-		select {
-		case <-s.exited:
-			cancel()
-		case <-pctx.Done():
-		}
-	}()
 	s.printf("> Probe\n")
-	p, err := s.ident.Probe(pctx, &csi.ProbeRequest{}, grpc.WaitForReady(true))
+	var err error
+	s.driver, err = driverproc.Start(ctx, driverproc.Config{Binary: s.cfg.Driver, Socket: sock, Args: args, Output: logTo})
 	if err != nil {
-		select {
-		case <-s.exited:
-			return fmt.Errorf("ploop-csi exited before it answered: %v", s.exitErr)
-		default:
-		}
-		return fmt.Errorf("probe: %w", err)
+		return err
 	}
-	if !p.GetReady().GetValue() {
-		return errors.New("probe: not ready")
-	}
+	s.ident, s.ctl, s.node = s.driver.Identity, s.driver.Controller, s.driver.Node
 	s.printf("< ready=true\n")
 	s.printf("> GetPluginInfo\n")
 	info, err := s.ident.GetPluginInfo(ctx, &csi.GetPluginInfoRequest{})

@@ -11,7 +11,6 @@ import (
 	"slices"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -274,7 +273,7 @@ func (s *session) stepCleanUp(ctx context.Context) error {
 		return fmt.Errorf("%d volumes and %d snapshots left", len(lv.GetEntries()), len(ls.GetEntries()))
 	}
 
-	s.printf("$ kill -TERM %d\n", s.driver.Process.Pid)
+	s.printf("$ kill -TERM %d\n", s.driver.Pid())
 	if err := s.stopDriver(time.Minute); err != nil {
 		return err
 	}
@@ -358,32 +357,12 @@ func (s *session) unpublishUnstage(ctx context.Context, id string, show bool) er
 // stopDriver sends SIGTERM and waits for a clean exit; after wait it kills
 // the driver.
 func (s *session) stopDriver(wait time.Duration) error {
-	if s.driver == nil || s.exited == nil {
+	if s.driver == nil {
 		return nil
 	}
-	if s.conn != nil {
-		s.conn.Close()
-		s.conn = nil
-	}
-	select {
-	case <-s.exited:
-		return fmt.Errorf("ploop-csi had exited: %v", s.exitErr)
-	default:
-	}
-	if err := s.driver.Process.Signal(syscall.SIGTERM); err != nil {
-		return fmt.Errorf("stop ploop-csi: %w", err)
-	}
-	select {
-	case <-s.exited:
-	case <-time.After(wait):
-		s.driver.Process.Kill()
-		<-s.exited
-		return fmt.Errorf("ploop-csi did not stop within %v of SIGTERM; killed", wait)
-	}
-	if s.exitErr != nil {
-		return fmt.Errorf("ploop-csi after SIGTERM: %w", s.exitErr)
-	}
-	return nil
+	d := s.driver
+	s.driver = nil
+	return d.Stop(wait)
 }
 
 // mountsBelow lists the mount points under the work directory.
@@ -439,7 +418,7 @@ func (s *session) removeRoot() error {
 // undo removes, after a failure, what the demo made, as far as it can:
 // through the driver first, then by unmounting what is left.
 func (s *session) undo(ctx context.Context) {
-	if s.conn != nil {
+	if s.driver != nil {
 		for _, id := range slices.Clone(s.volumes) {
 			s.note("unpublish and unstage %s: %v", id, errOK(s.unpublishUnstage(ctx, id, false)))
 		}
