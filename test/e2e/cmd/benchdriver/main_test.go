@@ -135,6 +135,12 @@ func TestStats(t *testing.T) {
 			t.Errorf("ratio(%v, %v) = %q, want %q", c.a, c.b, got, c.want)
 		}
 	}
+	if got := num(-0.001, 2); got != "0.00" {
+		t.Errorf("num(-0.001, 2) = %q", got)
+	}
+	if got := num(-1.5, 1); got != "-1.5" {
+		t.Errorf("num(-1.5, 1) = %q", got)
+	}
 	if got := ms(-1); got != "n/a" {
 		t.Errorf("ms(-1) = %q", got)
 	}

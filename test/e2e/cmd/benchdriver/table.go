@@ -51,7 +51,11 @@ func num(v float64, prec int) string {
 	if math.IsNaN(v) {
 		return "n/a"
 	}
-	return fmt.Sprintf("%.*f", prec, v)
+	s := fmt.Sprintf("%.*f", prec, v)
+	if strings.Trim(s, "-0.") == "" {
+		return strings.TrimPrefix(s, "-") // a small decrease, not "-0.00"
+	}
+	return s
 }
 
 // ratio formats a/b as "1.23x".
