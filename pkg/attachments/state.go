@@ -173,6 +173,17 @@ func parseRecord(b []byte) (record, error) {
 	if err := r.check(); err != nil {
 		return record{}, fmt.Errorf("record of %q: %w", r.VolumeID, err)
 	}
+	// An empty list is written as none (omitempty): read it so, so that a
+	// record reads the same after it was saved again.
+	if len(r.MkfsOptions) == 0 {
+		r.MkfsOptions = nil
+	}
+	if len(r.MountOptions) == 0 {
+		r.MountOptions = nil
+	}
+	if len(r.Targets) == 0 {
+		r.Targets = nil
+	}
 	return r, nil
 }
 
