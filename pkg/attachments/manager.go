@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ploop-csi/ploop-csi/pkg/keylock"
 	"github.com/ploop-csi/ploop-csi/pkg/mounts"
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"github.com/ploop-csi/ploop-csi/pkg/serving"
@@ -126,7 +127,7 @@ type Manager struct {
 	log     klog.Logger
 	mounter *mounts.Mounter
 	state   *stateDir
-	locks   keyLocks
+	locks   keylock.Locks
 
 	kmu    sync.Mutex
 	kernel *nbd.Kernel // opened on first use: hosts without nbd serve simfs
@@ -267,7 +268,7 @@ func (m *Manager) Close() error {
 	for _, id := range ids {
 		// Wait for a running operation on the volume; a new one fails
 		// on closed. Release only stops serving.
-		unlock, err := m.locks.lock(context.Background(), id)
+		unlock, err := m.lockVolume(context.Background(), id)
 		if err != nil {
 			continue
 		}
@@ -282,13 +283,24 @@ func (m *Manager) Close() error {
 	return errors.Join(errs...)
 }
 
+// lockVolume serialises the operations on volume id; waiting ends with
+// ctx, so a stuck operation makes later ones fail with ErrBusy instead of
+// piling up.
+func (m *Manager) lockVolume(ctx context.Context, id string) (func(), error) {
+	unlock, err := m.locks.Lock(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w (%v)", id, ErrBusy, err)
+	}
+	return unlock, nil
+}
+
 // begin locks volume id for an operation, failing once the Manager is
 // closed.
 func (m *Manager) begin(ctx context.Context, id string) (func(), error) {
 	if err := m.checkOpen(); err != nil {
 		return nil, err
 	}
-	unlock, err := m.locks.lock(ctx, id)
+	unlock, err := m.lockVolume(ctx, id)
 	if err != nil {
 		return nil, err
 	}

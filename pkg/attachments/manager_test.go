@@ -370,7 +370,7 @@ func TestBusyAndParallel(t *testing.T) {
 	m := e.newManager(t)
 	a := e.simfsVolume(t, "simfs-busy", 1<<20)
 	b := e.simfsVolume(t, "simfs-free", 1<<20)
-	unlock, err := m.locks.lock(ctxT(t), a.VolumeID)
+	unlock, err := m.lockVolume(ctxT(t), a.VolumeID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -395,30 +395,6 @@ func TestMaxVolumesHost(t *testing.T) {
 	devs, _ := filepath.Glob("/sys/block/nbd*")
 	if n := m.MaxVolumes(); n < len(devs) {
 		t.Fatalf("MaxVolumes = %d with %d nbd devices", n, len(devs))
-	}
-}
-
-func TestKeyLocks(t *testing.T) {
-	var k keyLocks
-	unlock, ok := k.tryLock("a")
-	if !ok {
-		t.Fatal("tryLock of a free key failed")
-	}
-	if _, ok := k.tryLock("a"); ok {
-		t.Fatal("tryLock of a held key succeeded")
-	}
-	done := make(chan struct{})
-	go func() {
-		u, err := k.lock(context.Background(), "a")
-		if err == nil {
-			u()
-		}
-		close(done)
-	}()
-	unlock()
-	<-done
-	if len(k.m) != 0 {
-		t.Fatalf("locks left in the map: %v", k.m)
 	}
 }
 

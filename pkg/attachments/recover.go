@@ -75,7 +75,7 @@ func (m *Manager) recover(ctx context.Context) error {
 func (m *Manager) recoverPloop(ctx context.Context, rec record, index int, attached bool) {
 	id := rec.VolumeID
 	log := m.log.WithValues("volume", id)
-	unlock, err := m.locks.lock(ctx, id)
+	unlock, err := m.lockVolume(ctx, id)
 	if err != nil {
 		m.setProblem(id, fmt.Sprintf("recovery did not run: %v", err))
 		return

@@ -73,7 +73,7 @@ func (m *Manager) trimPass(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		unlock, ok := m.locks.tryLock(id)
+		unlock, ok := m.locks.TryLock(id)
 		if !ok {
 			continue
 		}

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/ploop-csi/ploop-csi/pkg/keylock"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
@@ -97,8 +98,8 @@ type Catalog struct {
 	snapByName map[string]string
 	reserved   int64 // capacity promised to expansions in progress
 
-	keys  keyLocks   // per name, volume and snapshot
-	capMu sync.Mutex // makes a capacity check and its reservation one step
+	keys  keylock.Locks // per name, volume and snapshot
+	capMu sync.Mutex    // makes a capacity check and its reservation one step
 
 	simfsMu sync.Mutex
 	simfs   dirVolumes
@@ -531,4 +532,15 @@ func removeStack(dir string) error {
 		return fmt.Errorf("remove %s: %w", dir, err)
 	}
 	return nil
+}
+
+// lockKey serialises the operations on one name, volume or snapshot while
+// operations on others (long merges, copies) run in parallel; it fails
+// with ErrBusy once ctx ends before the key is free.
+func (c *Catalog) lockKey(ctx context.Context, key string) (func(), error) {
+	unlock, err := c.keys.Lock(ctx, key)
+	if err != nil {
+		return nil, fmt.Errorf("waiting for %s: %w: %w", key, ErrBusy, err)
+	}
+	return unlock, nil
 }

@@ -190,7 +190,7 @@ func (c *Catalog) trimLocked(ctx context.Context, id string) error {
 
 // trim takes the volume's lock and trims its chain.
 func (c *Catalog) trim(ctx context.Context, id string) error {
-	unlock, err := c.keys.lock(ctx, c.volKey(id))
+	unlock, err := c.lockKey(ctx, c.volKey(id))
 	if err != nil {
 		return err
 	}
@@ -259,7 +259,7 @@ func (c *Catalog) Compact(ctx context.Context, id string) error {
 	if err != nil {
 		return fmt.Errorf("compact: %w", err)
 	}
-	unlock, err := c.keys.lock(ctx, c.volKey(id))
+	unlock, err := c.lockKey(ctx, c.volKey(id))
 	if err != nil {
 		return fmt.Errorf("compact %s: %w", id, err)
 	}

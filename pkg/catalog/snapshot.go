@@ -47,7 +47,7 @@ func (c *Catalog) createSnapshot(ctx context.Context, name, source string) (Snap
 	if _, err := ParseVolumeID(source); err != nil {
 		return Snapshot{}, fmt.Errorf("source volume: %w", err)
 	}
-	unlock, err := c.keys.lock(ctx, c.snapNameKey(name))
+	unlock, err := c.lockKey(ctx, c.snapNameKey(name))
 	if err != nil {
 		return Snapshot{}, err
 	}
@@ -62,7 +62,7 @@ func (c *Catalog) createSnapshot(ctx context.Context, name, source string) (Snap
 		// An earlier attempt failed and could not clean up: do it now,
 		// holding the lock of the volume it snapshotted.
 		err := func() error {
-			unlockSrc, err := c.keys.lock(ctx, c.volKey(r.SourceVolume))
+			unlockSrc, err := c.lockKey(ctx, c.volKey(r.SourceVolume))
 			if err != nil {
 				return err
 			}
@@ -73,7 +73,7 @@ func (c *Catalog) createSnapshot(ctx context.Context, name, source string) (Snap
 			return Snapshot{}, fmt.Errorf("clean up an earlier attempt: %w", err)
 		}
 	}
-	unlockSrc, err := c.keys.lock(ctx, c.volKey(source))
+	unlockSrc, err := c.lockKey(ctx, c.volKey(source))
 	if err != nil {
 		return Snapshot{}, err
 	}
@@ -208,7 +208,7 @@ func (c *Catalog) deleteSnapshot(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	unlock, err := c.keys.lock(ctx, c.snapKey(id))
+	unlock, err := c.lockKey(ctx, c.snapKey(id))
 	if err != nil {
 		return err
 	}
@@ -220,7 +220,7 @@ func (c *Catalog) deleteSnapshot(ctx context.Context, id string) error {
 	if r.State == stateCreating {
 		return fmt.Errorf("it is being created: %w", ErrBusy)
 	}
-	unlockSrc, err := c.keys.lock(ctx, c.volKey(r.SourceVolume))
+	unlockSrc, err := c.lockKey(ctx, c.volKey(r.SourceVolume))
 	if err != nil {
 		return err
 	}

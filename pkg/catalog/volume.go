@@ -253,7 +253,7 @@ func (c *Catalog) createVolume(ctx context.Context, req VolumeRequest) (Volume, 
 	if err != nil {
 		return Volume{}, err
 	}
-	unlock, err := c.keys.lock(ctx, c.volNameKey(req.Name))
+	unlock, err := c.lockKey(ctx, c.volNameKey(req.Name))
 	if err != nil {
 		return Volume{}, err
 	}
@@ -265,7 +265,7 @@ func (c *Catalog) createVolume(ctx context.Context, req VolumeRequest) (Volume, 
 	var srcVol *volumeRecord
 	switch {
 	case req.SourceSnapshot != "":
-		unlockSrc, err := c.keys.lock(ctx, c.snapKey(req.SourceSnapshot))
+		unlockSrc, err := c.lockKey(ctx, c.snapKey(req.SourceSnapshot))
 		if err != nil {
 			return Volume{}, err
 		}
@@ -274,7 +274,7 @@ func (c *Catalog) createVolume(ctx context.Context, req VolumeRequest) (Volume, 
 			srcSnap = s
 		}
 	case req.SourceVolume != "":
-		unlockSrc, err := c.keys.lock(ctx, c.volKey(req.SourceVolume))
+		unlockSrc, err := c.lockKey(ctx, c.volKey(req.SourceVolume))
 		if err != nil {
 			return Volume{}, err
 		}
@@ -562,7 +562,7 @@ func (c *Catalog) deleteVolume(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
-	unlock, err := c.keys.lock(ctx, c.volKey(id))
+	unlock, err := c.lockKey(ctx, c.volKey(id))
 	if err != nil {
 		return err
 	}
@@ -646,7 +646,7 @@ func (c *Catalog) expandVolume(ctx context.Context, id string, required, limit i
 	if required < 0 || limit < 0 || (required == 0 && limit == 0) || (limit > 0 && required > limit) {
 		return 0, false, fmt.Errorf("capacity range [%d, %d]: %w", required, limit, ErrInvalid)
 	}
-	unlock, err := c.keys.lock(ctx, c.volKey(id))
+	unlock, err := c.lockKey(ctx, c.volKey(id))
 	if err != nil {
 		return 0, false, err
 	}

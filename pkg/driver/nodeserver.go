@@ -59,13 +59,7 @@ func (d *Driver) nodeVolume(ctx context.Context, id string, c capability, volCtx
 
 func (s *nodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolumeRequest) (*csi.NodeStageVolumeResponse, error) {
 	d := s.d
-	if err := required("volume_id", req.GetVolumeId(), "staging_target_path", req.GetStagingTargetPath()); err != nil {
-		return nil, err
-	}
-	if _, err := volumeID("volume_id", req.GetVolumeId()); err != nil {
-		return nil, err
-	}
-	if err := d.mountPath("staging_target_path", req.GetStagingTargetPath()); err != nil {
+	if _, err := volumeAt(req.GetVolumeId(), "staging_target_path", req.GetStagingTargetPath(), d.mountPath); err != nil {
 		return nil, err
 	}
 	c, err := parseCapability(req.GetVolumeCapability())
@@ -101,15 +95,9 @@ func (s *nodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolu
 }
 
 func (s *nodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstageVolumeRequest) (*csi.NodeUnstageVolumeResponse, error) {
-	if err := required("volume_id", req.GetVolumeId(), "staging_target_path", req.GetStagingTargetPath()); err != nil {
-		return nil, err
-	}
-	if _, err := volumeID("volume_id", req.GetVolumeId()); errors.Is(err, catalog.ErrNotFound) {
+	if _, err := volumeAt(req.GetVolumeId(), "staging_target_path", req.GetStagingTargetPath(), s.d.mountPath); errors.Is(err, catalog.ErrNotFound) {
 		return &csi.NodeUnstageVolumeResponse{}, nil // never a volume of ours: nothing staged
 	} else if err != nil {
-		return nil, err
-	}
-	if err := s.d.mountPath("staging_target_path", req.GetStagingTargetPath()); err != nil {
 		return nil, err
 	}
 	if err := s.d.cfg.Node.Unstage(ctx, req.GetVolumeId(), req.GetStagingTargetPath()); err != nil {
@@ -162,15 +150,9 @@ func (s *nodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublish
 }
 
 func (s *nodeServer) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublishVolumeRequest) (*csi.NodeUnpublishVolumeResponse, error) {
-	if err := required("volume_id", req.GetVolumeId(), "target_path", req.GetTargetPath()); err != nil {
-		return nil, err
-	}
-	if _, err := volumeID("volume_id", req.GetVolumeId()); errors.Is(err, catalog.ErrNotFound) {
-		return &csi.NodeUnpublishVolumeResponse{}, nil
+	if _, err := volumeAt(req.GetVolumeId(), "target_path", req.GetTargetPath(), s.d.mountPath); errors.Is(err, catalog.ErrNotFound) {
+		return &csi.NodeUnpublishVolumeResponse{}, nil // never a volume of ours: nothing published
 	} else if err != nil {
-		return nil, err
-	}
-	if err := s.d.mountPath("target_path", req.GetTargetPath()); err != nil {
 		return nil, err
 	}
 	if err := s.d.cfg.Node.Unpublish(ctx, req.GetVolumeId(), req.GetTargetPath()); err != nil {
@@ -180,13 +162,7 @@ func (s *nodeServer) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpub
 }
 
 func (s *nodeServer) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
-	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
-		return nil, err
-	}
-	if _, err := volumeID("volume_id", req.GetVolumeId()); err != nil {
-		return nil, err
-	}
-	if err := s.d.lookupPath("volume_path", req.GetVolumePath()); err != nil {
+	if _, err := volumeAt(req.GetVolumeId(), "volume_path", req.GetVolumePath(), s.d.lookupPath); err != nil {
 		return nil, err
 	}
 	if p := req.GetStagingTargetPath(); p != "" {
@@ -213,14 +189,8 @@ func (s *nodeServer) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVol
 }
 
 func (s *nodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVolumeRequest) (*csi.NodeExpandVolumeResponse, error) {
-	if err := required("volume_id", req.GetVolumeId(), "volume_path", req.GetVolumePath()); err != nil {
-		return nil, err
-	}
-	typ, err := volumeID("volume_id", req.GetVolumeId())
+	typ, err := volumeAt(req.GetVolumeId(), "volume_path", req.GetVolumePath(), s.d.lookupPath)
 	if err != nil {
-		return nil, err
-	}
-	if err := s.d.lookupPath("volume_path", req.GetVolumePath()); err != nil {
 		return nil, err
 	}
 	if p := req.GetStagingTargetPath(); p != "" {

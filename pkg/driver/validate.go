@@ -86,6 +86,22 @@ func snapshotID(field, id string) error {
 // required checks that a field is set, before its content is looked at:
 // the spec's "missing required field" is InvalidArgument even when another
 // field names nothing.
+// volumeAt checks what every node call names: a volume id and a path, both
+// present, the id of a form this driver gives out and the path one check
+// accepts (mountPath or lookupPath). It returns the volume's type. An id
+// of no form of ours is catalog.ErrNotFound, before the path is checked:
+// the undo calls (unstage, unpublish) answer it with success.
+func volumeAt(id, pathField, path string, check func(field, p string) error) (catalog.Type, error) {
+	if err := required("volume_id", id, pathField, path); err != nil {
+		return "", err
+	}
+	typ, err := volumeID("volume_id", id)
+	if err != nil {
+		return "", err
+	}
+	return typ, check(pathField, path)
+}
+
 func required(fields ...string) error {
 	for i := 0; i+1 < len(fields); i += 2 {
 		if fields[i+1] == "" {

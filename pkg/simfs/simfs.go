@@ -1,6 +1,7 @@
 package simfs
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -10,6 +11,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/ploop-csi/ploop-csi/pkg/keylock"
 )
 
 const (
@@ -46,7 +49,7 @@ type Root struct {
 	plock     projectLock // filesystem-wide, around project-ID allocation
 
 	mu  sync.Mutex // in-process half of the registry lock
-	ids keyLocks
+	ids keylock.Locks
 }
 
 // Volume describes one directory volume.
@@ -238,7 +241,7 @@ func (r *Root) create(id string, bytes, inodes uint64, source string) (Volume, e
 	if err := r.quota.enforced(); err != nil {
 		return Volume{}, err
 	}
-	defer r.ids.lock("volume/" + id)()
+	defer r.lockID("volume/" + id)()
 	var rec volumeRecord
 	err = r.update(func(reg *registry) (bool, error) {
 		if v, ok := reg.Volumes[id]; ok {
@@ -421,7 +424,7 @@ func (r *Root) expand(id string, bytes, inodes uint64) (Volume, error) {
 	if err != nil {
 		return Volume{}, err
 	}
-	defer r.ids.lock("volume/" + id)()
+	defer r.lockID("volume/" + id)()
 	var rec volumeRecord
 	if err := r.view(func(reg *registry) error {
 		v, ok := reg.Volumes[id]
@@ -519,7 +522,7 @@ func (r *Root) delete(id string) error {
 	if err := ValidateID(id); err != nil {
 		return err
 	}
-	defer r.ids.lock("volume/" + id)()
+	defer r.lockID("volume/" + id)()
 	var rec *volumeRecord
 	if err := r.view(func(reg *registry) error {
 		rec = reg.Volumes[id]
@@ -575,8 +578,8 @@ func (r *Root) snapshot(id, source string) (Snapshot, error) {
 	if err := ValidateID(source); err != nil {
 		return Snapshot{}, err
 	}
-	defer r.ids.lock("snapshot/" + id)()
-	defer r.ids.lock("volume/" + source)()
+	defer r.lockID("snapshot/" + id)()
+	defer r.lockID("volume/" + source)()
 	var existing *snapshotRecord
 	var vol *volumeRecord
 	if err := r.view(func(reg *registry) error {
@@ -663,7 +666,7 @@ func (r *Root) DeleteSnapshot(id string) error {
 	if err := ValidateID(id); err != nil {
 		return fmt.Errorf("delete snapshot: %w", err)
 	}
-	defer r.ids.lock("snapshot/" + id)()
+	defer r.lockID("snapshot/" + id)()
 	snaps := int(r.snapshots.Fd())
 	for _, name := range []string{id, tmpPrefix + id} {
 		if err := removeTree(snaps, name); err != nil {
@@ -699,7 +702,7 @@ func (r *Root) restore(id string, bytes, inodes uint64, source string) (Volume, 
 	if _, err := validateLimits(bytes, inodes); err != nil {
 		return Volume{}, err
 	}
-	defer r.ids.lock("snapshot/" + source)()
+	defer r.lockID("snapshot/" + source)()
 	s, err := r.GetSnapshot(source)
 	if err != nil {
 		return Volume{}, err
@@ -748,4 +751,11 @@ func (r *Root) Capacity() (Capacity, error) {
 		return nil
 	})
 	return c, err
+}
+
+// lockID serialises operations on one volume or snapshot id while letting
+// operations on different ids (long copies, deletes) run in parallel.
+func (r *Root) lockID(key string) func() {
+	unlock, _ := r.ids.Lock(context.Background(), key) // cannot fail without a deadline
+	return unlock
 }
