@@ -248,6 +248,13 @@ func (r *Ring) WriteAt(fd int, p []byte, off int64) (int, error) {
 	return done, nil
 }
 
+// Refused reports whether err from New means that io_uring is not there to
+// use (a kernel without it, a seccomp policy or the kernel.io_uring_disabled
+// sysctl refusing it) rather than that something went wrong.
+func Refused(err error) bool {
+	return errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES)
+}
+
 // ErrClosed is returned by calls on a closed ring.
 var ErrClosed = errors.New("io_uring: ring closed")
 
