@@ -2,6 +2,11 @@
 GO        ?= go
 BIN       := bin
 STATICCHECK_VERSION := v0.8.2
+CONTROLLER_TOOLS_VERSION := v0.19.0
+CONTROLLER_GEN := $(GO) run sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_TOOLS_VERSION)
+# The custom resources' Go types, and where their generated CRDs go.
+API_PATHS := ./pkg/api/...
+CRD_DIR   := charts/ploop-csi/crds
 # Per-target fuzzing time inside `make test`; run longer by hand with
 # `go test -run='^$$' -fuzz=FuzzName ./pkg/...`.
 FUZZTIME  ?= 5s
@@ -9,7 +14,7 @@ FUZZTIME  ?= 5s
 # PLOOP_CSI_VM_MEM=4096 (MiB), PLOOP_CSI_VM_CPUS=2, PLOOP_CSI_VM_ACCEL=tcg|kvm.
 CMD       ?= uname -a
 
-.PHONY: all build test unit race fuzz-short lint bench demo vm clean deps
+.PHONY: all build test unit race fuzz-short lint generate check-generated bench demo vm clean deps
 
 all: build
 
@@ -41,7 +46,23 @@ race:
 fuzz-short:
 	./test/fuzz.sh $(FUZZTIME)
 
-lint:
+# The deep-copy methods and CRD manifests of pkg/api, from its Go types.
+generate:
+	$(CONTROLLER_GEN) object paths=$(API_PATHS)
+	$(CONTROLLER_GEN) crd paths=$(API_PATHS) output:crd:artifacts:config=$(CRD_DIR)
+
+# Fails when the generated files differ from what `make generate` makes now.
+check-generated:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  $(CONTROLLER_GEN) crd paths=$(API_PATHS) output:crd:artifacts:config="$$tmp/crds" && \
+	  diff -r "$$tmp/crds" $(CRD_DIR) && \
+	  for f in $$(find pkg/api -name zz_generated.deepcopy.go); do cp "$$f" "$$tmp/$$(echo $$f | tr / _)"; done && \
+	  $(CONTROLLER_GEN) object paths=$(API_PATHS) && \
+	  for f in $$(find pkg/api -name zz_generated.deepcopy.go); do \
+	    cmp -s "$$f" "$$tmp/$$(echo $$f | tr / _)" || { cp "$$tmp/$$(echo $$f | tr / _)" "$$f"; echo "$$f is stale: run make generate"; exit 1; }; \
+	  done || { echo "generated files differ from pkg/api's types: run make generate"; exit 1; }
+
+lint: check-generated
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null; git ls-files --others --exclude-standard '*.go' 2>/dev/null)); \
 	  if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...

@@ -1,0 +1,195 @@
+package v1alpha1
+
+import (
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// Phase is where a resource's operation stands.
+// +kubebuilder:validation:Enum=Pending;Ready;Failed;Deleting
+type Phase string
+
+const (
+	// Pending: the owning node has not carried out the spec yet.
+	Pending Phase = "Pending"
+	// Ready: the volume or snapshot exists as the spec asks.
+	Ready Phase = "Ready"
+	// Failed: the last attempt failed; Status.Error says why, and the
+	// node retries while the error is one a retry can cure.
+	Failed Phase = "Failed"
+	// Deleting: the resource is being deleted; its finalizer stays
+	// until the node has removed what it stands for.
+	Deleting Phase = "Deleting"
+)
+
+// OperationError is the last failure of a node's operation, as the CSI
+// call that waits for it will report it.
+type OperationError struct {
+	// Code is the gRPC status code's name, such as ResourceExhausted.
+	Code string `json:"code"`
+	// Message says what failed, for a person to act on.
+	Message string `json:"message"`
+}
+
+// VolumeSource is the content a new volume starts from: one of a snapshot
+// or a volume, by the catalogue's id.
+type VolumeSource struct {
+	// +optional
+	Snapshot string `json:"snapshot,omitempty"`
+	// +optional
+	Volume string `json:"volume,omitempty"`
+}
+
+// PloopVolumeSpec is what the controller asks of the owning node.
+type PloopVolumeSpec struct {
+	// Name is the CSI volume name (the provisioner's, usually pvc-UID);
+	// creating the same name twice gives the same volume.
+	// +kubebuilder:validation:MinLength=1
+	Name string `json:"name"`
+	// NodeName is the node whose storage root holds the volume; empty
+	// with a shared storage root.
+	// +optional
+	NodeName string `json:"nodeName,omitempty"`
+	// Type is the kind of volume.
+	// +kubebuilder:validation:Enum=ploop;simfs
+	Type string `json:"type"`
+	// Size is the requested size in bytes; growing it expands the
+	// volume, online when it is attached.
+	Size resource.Quantity `json:"size"`
+	// FSType is the file system of a ploop volume mounted as one.
+	// +kubebuilder:validation:Enum=ext4;xfs
+	// +optional
+	FSType string `json:"fsType,omitempty"`
+	// Parameters are the StorageClass parameters the volume was created
+	// with (clusterSize, mkfsOptions, inodes, discard).
+	// +optional
+	Parameters map[string]string `json:"parameters,omitempty"`
+	// Source is the content the volume starts from.
+	// +optional
+	Source *VolumeSource `json:"source,omitempty"`
+}
+
+// PloopVolumeStatus is what the owning node reports.
+type PloopVolumeStatus struct {
+	// Phase is where the volume's last requested operation stands.
+	// +optional
+	Phase Phase `json:"phase,omitempty"`
+	// VolumeID is the catalogue's id of the volume, once created.
+	// +optional
+	VolumeID string `json:"volumeID,omitempty"`
+	// Size is the provisioned size after rounding.
+	// +optional
+	Size *resource.Quantity `json:"size,omitempty"`
+	// Allocated is the storage root's space the volume takes.
+	// +optional
+	Allocated *resource.Quantity `json:"allocated,omitempty"`
+	// AttachedNode is the node that serves the volume now, if any: with
+	// a shared root, online operations go to it.
+	// +optional
+	AttachedNode string `json:"attachedNode,omitempty"`
+	// ObservedGeneration is the spec generation the status reports on.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// Error is the last operation's failure, cleared by a success.
+	// +optional
+	Error *OperationError `json:"error,omitempty"`
+}
+
+// PloopVolume is one volume of the driver and the node that owns it.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:resource:scope=Cluster,shortName=plvol,categories=ploop
+// +kubebuilder:subresource:status
+// +kubebuilder:printcolumn:name="Node",type=string,JSONPath=`.spec.nodeName`
+// +kubebuilder:printcolumn:name="Type",type=string,JSONPath=`.spec.type`
+// +kubebuilder:printcolumn:name="Size",type=string,JSONPath=`.status.size`
+// +kubebuilder:printcolumn:name="Allocated",type=string,JSONPath=`.status.allocated`
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type PloopVolume struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec PloopVolumeSpec `json:"spec"`
+	// +optional
+	Status PloopVolumeStatus `json:"status,omitempty"`
+}
+
+// PloopVolumeList is a list of PloopVolumes.
+//
+// +kubebuilder:object:root=true
+type PloopVolumeList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []PloopVolume `json:"items"`
+}
+
+// PloopSnapshotSpec is what the controller asks of the node that owns the
+// source volume.
+type PloopSnapshotSpec struct {
+	// Name is the CSI snapshot name; taking the same name twice gives the
+	// same snapshot.
+	// +kubebuilder:validation:MinLength=1
+	Name string `json:"name"`
+	// NodeName is the node whose storage root holds the source volume;
+	// empty with a shared storage root.
+	// +optional
+	NodeName string `json:"nodeName,omitempty"`
+	// SourceVolume is the catalogue's id of the volume to snapshot.
+	// +kubebuilder:validation:MinLength=1
+	SourceVolume string `json:"sourceVolume"`
+}
+
+// PloopSnapshotStatus is what the owning node reports.
+type PloopSnapshotStatus struct {
+	// Phase is where the snapshot's operation stands.
+	// +optional
+	Phase Phase `json:"phase,omitempty"`
+	// SnapshotID is the catalogue's id of the snapshot, once taken.
+	// +optional
+	SnapshotID string `json:"snapshotID,omitempty"`
+	// ReadyToUse says a volume can be restored from the snapshot.
+	// +optional
+	ReadyToUse bool `json:"readyToUse,omitempty"`
+	// Size is the size of a volume restored from the snapshot.
+	// +optional
+	Size *resource.Quantity `json:"size,omitempty"`
+	// CreationTime is when the snapshot was cut.
+	// +optional
+	CreationTime *metav1.Time `json:"creationTime,omitempty"`
+	// ObservedGeneration is the spec generation the status reports on.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+	// Error is the last operation's failure, cleared by a success.
+	// +optional
+	Error *OperationError `json:"error,omitempty"`
+}
+
+// PloopSnapshot is one snapshot of a volume of the driver.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:resource:scope=Cluster,shortName=plsnap,categories=ploop
+// +kubebuilder:subresource:status
+// +kubebuilder:printcolumn:name="Node",type=string,JSONPath=`.spec.nodeName`
+// +kubebuilder:printcolumn:name="Source",type=string,JSONPath=`.spec.sourceVolume`
+// +kubebuilder:printcolumn:name="ReadyToUse",type=boolean,JSONPath=`.status.readyToUse`
+// +kubebuilder:printcolumn:name="Size",type=string,JSONPath=`.status.size`
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type PloopSnapshot struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec PloopSnapshotSpec `json:"spec"`
+	// +optional
+	Status PloopSnapshotStatus `json:"status,omitempty"`
+}
+
+// PloopSnapshotList is a list of PloopSnapshots.
+//
+// +kubebuilder:object:root=true
+type PloopSnapshotList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []PloopSnapshot `json:"items"`
+}
