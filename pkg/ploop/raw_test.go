@@ -3,13 +3,10 @@ package ploop
 import (
 	"bytes"
 	"errors"
-	"io"
 	"os"
 	"path/filepath"
 	"syscall"
 	"testing"
-
-	"github.com/ploop-csi/ploop-csi/pkg/uring"
 )
 
 func newRawFile(t *testing.T, size int64) string {
@@ -181,47 +178,5 @@ func TestDirectUnalignedConcurrent(t *testing.T) {
 				t.Fatalf("block %d writer %d lost", i, w)
 			}
 		}
-	}
-}
-
-// TestDirectUsesRing checks that O_DIRECT storage moves its data through an
-// io_uring on a kernel that has one (every kernel this project tests on),
-// and that what it writes is what pread sees.
-func TestDirectUsesRing(t *testing.T) {
-	p := newRawFile(t, 1<<20)
-	s, err := openStorage(p, false, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	d, ok := s.(*directFile)
-	if !ok {
-		t.Fatalf("O_DIRECT storage is a %T", s)
-	}
-	if d.ring == nil {
-		r, err := uring.New(directRingEntries)
-		if uring.Refused(err) {
-			t.Skipf("this kernel or its policy refuses io_uring (%v): O_DIRECT storage runs on pread and pwrite", err)
-		}
-		if err == nil {
-			r.Close()
-		}
-		t.Fatalf("O_DIRECT storage has no io_uring, though the kernel offers one (New: %v)", err)
-	}
-	want := bytes.Repeat([]byte("ring"), 4096/4)
-	buf := alignedBuffer(len(want))
-	copy(buf, want)
-	if _, err := s.WriteAt(buf, 8192); err != nil {
-		t.Fatal(err)
-	}
-	got, err := os.ReadFile(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(got[8192:8192+len(want)], want) {
-		t.Fatal("a write through the ring is not in the file")
-	}
-	if _, err := s.ReadAt(buf, 1<<20); !errors.Is(err, io.EOF) {
-		t.Fatalf("read at end of file through the ring: %v, want io.EOF", err)
 	}
 }

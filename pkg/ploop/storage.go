@@ -6,12 +6,9 @@ import (
 	"io"
 	"os"
 	"sync"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/ploop-csi/ploop-csi/pkg/uring"
 )
 
 // storage is the I/O layer under a delta or a raw image: positioned reads
@@ -72,17 +69,10 @@ func openStorage(path string, readOnly, direct bool) (storage, error) {
 		}
 		return nil, err
 	}
-	d := &directFile{file: file{f}, path: path, fd: int(f.Fd())}
+	d := &directFile{file: file{f}, path: path}
 	d.bounce.New = newBounceBuffer
-	// Without a ring (an old kernel, a seccomp policy that refuses
-	// io_uring) direct I/O still works, through pread and pwrite.
-	d.ring, _ = uring.New(directRingEntries)
 	return d, nil
 }
-
-// directRingEntries bounds the requests one O_DIRECT file has in flight
-// through its ring: the kernel's nbd queue depth (128) for one connection.
-const directRingEntries = 128
 
 // file holds what buffered and O_DIRECT storage do alike: everything but
 // the data path.
@@ -118,13 +108,7 @@ func (b *bufferedFile) ZeroRange(off, n int64) error {
 // unaligned writes to different bytes of one block do not undo each other.
 type directFile struct {
 	file
-	path string
-	fd   int // f's, for the ring
-	// ring, when the kernel offers io_uring, carries the data reads and
-	// writes, so that a request waiting for the disk parks its goroutine
-	// instead of blocking a thread (see package uring); nil means pread
-	// and pwrite.
-	ring  *uring.Ring
+	path  string
 	edges [64]sync.Mutex
 	// bounce holds aligned buffers for unaligned requests; per file, so
 	// the package keeps no mutable state of its own.
@@ -159,42 +143,9 @@ func isAligned(p []byte, off int64) bool {
 
 func (d *directFile) pageCacheFile() *os.File { return nil }
 
-// pread and pwrite move one aligned request, through the ring when there
-// is one; errors read as os.File's do.
-func (d *directFile) pread(p []byte, off int64) (int, error) {
-	if d.ring == nil {
-		return d.pread(p, off)
-	}
-	n, err := d.ring.ReadAt(d.fd, p, off)
-	if err != nil && err != io.EOF {
-		err = &os.PathError{Op: "read", Path: d.path, Err: err}
-	}
-	return n, err
-}
-
-func (d *directFile) pwrite(p []byte, off int64) (int, error) {
-	if d.ring == nil {
-		return d.pwrite(p, off)
-	}
-	n, err := d.ring.WriteAt(d.fd, p, off)
-	if err != nil {
-		err = &os.PathError{Op: "write", Path: d.path, Err: err}
-	}
-	return n, err
-}
-
-// Close ends the ring's requests before the file they refer to.
-func (d *directFile) Close() error {
-	var rerr error
-	if d.ring != nil {
-		rerr = d.ring.Close()
-	}
-	return errors.Join(d.f.Close(), rerr)
-}
-
 func (d *directFile) ReadAt(p []byte, off int64) (int, error) {
 	if isAligned(p, off) {
-		return d.pread(p, off)
+		return d.f.ReadAt(p, off)
 	}
 	bp := d.bounce.Get().(*[]byte)
 	defer d.bounce.Put(bp)
@@ -205,7 +156,7 @@ func (d *directFile) ReadAt(p []byte, off int64) (int, error) {
 		start := pos &^ (directAlign - 1)
 		end := (pos + int64(chunk) + directAlign - 1) &^ (directAlign - 1)
 		buf := (*bp)[:end-start]
-		n, err := d.pread(buf, start)
+		n, err := d.f.ReadAt(buf, start)
 		skip := int(pos - start)
 		if n > skip {
 			done += copy(p[done:done+chunk], buf[skip:n])
@@ -222,7 +173,7 @@ func (d *directFile) ReadAt(p []byte, off int64) (int, error) {
 
 func (d *directFile) WriteAt(p []byte, off int64) (int, error) {
 	if isAligned(p, off) {
-		return d.pwrite(p, off)
+		return d.f.WriteAt(p, off)
 	}
 	bp := d.bounce.Get().(*[]byte)
 	defer d.bounce.Put(bp)
@@ -280,14 +231,14 @@ func (d *directFile) writeChunk(bounce, p []byte, off int64) error {
 		}
 	}
 	copy(buf[off-start:], p)
-	_, err := d.pwrite(buf, start)
+	_, err := d.f.WriteAt(buf, start)
 	return err
 }
 
 // readBlock reads one aligned block, treating bytes past end of file as
 // zeros.
 func (d *directFile) readBlock(b []byte, off int64) error {
-	n, err := d.pread(b, off)
+	n, err := d.f.ReadAt(b, off)
 	if err != nil && !errors.Is(err, io.EOF) {
 		return err
 	}
@@ -370,27 +321,13 @@ func fileSize(f *os.File) (int64, error) {
 	return st.Size, nil
 }
 
-// lockWait is how long lockExclusive waits for a lock held by someone
-// else. A process killed with io_uring requests in flight keeps its file,
-// and so its lock, until the kernel has finished those requests, which it
-// does asynchronously after the process is gone; a restarted server must
-// wait for that (its writes could land over newer ones otherwise), not
-// fail. A live holder is reported after the wait.
-const lockWait = 5 * time.Second
-
 func lockExclusive(f *os.File) error {
-	deadline := time.Now().Add(lockWait)
-	pause := time.Millisecond
 	for {
 		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		switch {
-		case err == unix.EINTR:
+		if err == unix.EINTR {
 			continue
-		case err == unix.EWOULDBLOCK && time.Now().Before(deadline):
-			time.Sleep(pause)
-			pause = min(2*pause, 50*time.Millisecond)
-			continue
-		case err != nil:
+		}
+		if err != nil {
 			return &os.PathError{Op: "flock", Path: f.Name(), Err: err}
 		}
 		return nil

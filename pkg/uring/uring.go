@@ -14,6 +14,14 @@
 // completion is one goroutine per ring. A kernel without io_uring, or a
 // seccomp policy that refuses it, makes New fail, and callers fall back to
 // plain pread/pwrite.
+//
+// Caution: the kernel completes a request as task work on the thread that
+// submitted it. A Go program cannot choose that thread, so a thread that
+// later blocks in a syscall which itself waits for this ring's I/O (FITRIM
+// or FIFREEZE on a filesystem the same process serves) never runs the task
+// work, and both wait for ever. Image storage therefore does not use a Ring
+// yet (the driver's Trim test deadlocked); a server whose ring is owned by
+// one dedicated, locked thread (the ublk server) avoids it.
 package uring
 
 import (

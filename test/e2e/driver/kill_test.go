@@ -1,8 +1,6 @@
 package drivere2e
 
 import (
-	"fmt"
-	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -28,13 +26,6 @@ func testKillUnderWriter(t *testing.T) {
 	e := newEnv(t, 1024)
 	v := e.create("killed", 512*mib, mountCap("ext4"), nil)
 	e.up(v)
-	// The kills must hit I/O in flight on the path production takes: the
-	// images' O_DIRECT reads and writes through io_uring.
-	if n := ringFDs(t, e.d.Pid()); n == 0 {
-		t.Fatalf("ploop-csi (pid %d) serves a staged volume without an io_uring: O_DIRECT I/O fell back to pread/pwrite", e.d.Pid())
-	} else {
-		t.Logf("ploop-csi serves the volume through %d io_uring(s)", n)
-	}
 	w := startWriter(t, filepath.Join(v.target, "log"), recSize)
 
 	var takeover, recovery, stall []time.Duration
@@ -80,23 +71,6 @@ func testKillUnderWriter(t *testing.T) {
 	e.down(v)
 	e.deleteVolume(v)
 	e.finish()
-}
-
-// ringFDs counts the io_urings process pid has open.
-func ringFDs(t *testing.T, pid int) int {
-	t.Helper()
-	dir := fmt.Sprintf("/proc/%d/fd", pid)
-	fds, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, fd := range fds {
-		if l, err := os.Readlink(filepath.Join(dir, fd.Name())); err == nil && l == "anon_inode:[io_uring]" {
-			n++
-		}
-	}
-	return n
 }
 
 // recoveredLine is the driver's log line of its finished restart recovery.
