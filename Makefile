@@ -28,8 +28,11 @@ build:
 # and the kernel-facing tests, which boot a VM from test/e2e.
 test: lint unit race fuzz-short
 
+# testreport prints what plain go test would, then ends with the failed
+# tests and their last lines, where a CI log that keeps only its head and
+# tail shows them.
 unit:
-	$(GO) test -count=1 -timeout 40m ./...
+	$(GO) run ./test/e2e/cmd/testreport -- $(GO) test -json -count=1 -timeout 40m ./...
 
 # The race detector over the packages a long-lived node plugin runs
 # concurrently, in short mode. Skipped here, run once without -race by `unit`:

@@ -146,7 +146,7 @@ func replayAndCheck(t *testing.T, r *rig, lg *logwrites.Log, pts []point, check 
 		t.Fatalf("replaying the whole log does not give the final file system: %v", err)
 	}
 
-	failed := 0
+	failed, first := 0, ""
 	marks := 0
 	notes := map[string]int{}
 	for i, res := range results {
@@ -160,6 +160,9 @@ func replayAndCheck(t *testing.T, r *rig, lg *logwrites.Log, pts []point, check 
 			continue
 		}
 		failed++
+		if first == "" {
+			first = fmt.Sprintf("%s: %s", pts[i].label, strings.Join(res.problems, " | "))
+		}
 		t.Errorf("replayed to %s: %d problem(s):\n\t%s", pts[i].label, len(res.problems), strings.Join(res.problems, "\n\t"))
 	}
 	var ns []string
@@ -169,6 +172,10 @@ func replayAndCheck(t *testing.T, r *rig, lg *logwrites.Log, pts []point, check 
 	slices.Sort(ns)
 	t.Logf("log: %d entries, %d MiB; checked %d replay points (%d marks, %d between marks) in %v (summed over %d workers: %v); %d failed; notes (points): %s",
 		len(lg.Entries), logBytes(lg)>>20, len(pts), marks, len(pts)-marks, time.Since(t0).Round(time.Second), workers, &r.timing, failed, strings.Join(ns, "; "))
+	if failed > 0 {
+		// Last, on one line: a CI log that keeps only its tail shows this.
+		t.Errorf("%d of %d replay points failed; the first at %s", failed, len(pts), strings.ReplaceAll(first, "\n", " | "))
+	}
 }
 
 func logBytes(lg *logwrites.Log) int64 {

@@ -359,3 +359,65 @@ func TestSkipReason(t *testing.T) {
 		}
 	}
 }
+
+// TestGuestFailures: the host's failure message names the innermost guest
+// tests that failed, each with its last lines, from go test -v output.
+func TestGuestFailures(t *testing.T) {
+	tests := []struct {
+		name, output string
+		want         []string // substrings of failures(), in order
+		none         bool
+	}{
+		{
+			name:   "all passed",
+			output: "=== RUN   TestK\n=== RUN   TestK/A\n    a_test.go:1: fine\n--- PASS: TestK (1.00s)\n    --- PASS: TestK/A (1.00s)\nPASS\n",
+			none:   true,
+		},
+		{
+			name: "innermost failure with its last lines",
+			output: "=== RUN   TestK\n=== RUN   TestK/A\n    a_test.go:1: one\n    a_test.go:2: two\n=== RUN   TestK/B\n    b_test.go:1: fine\n" +
+				"=== NAME  TestK/A\n    a_test.go:3: three\n    a_test.go:4: four\n    a_test.go:5: five\n    a_test.go:6: boom\n" +
+				"--- FAIL: TestK (2.00s)\n    --- FAIL: TestK/A (1.00s)\n    --- PASS: TestK/B (1.00s)\nFAIL\n",
+			want: []string{"guest TestK/A failed", "a_test.go:3: three", "a_test.go:6: boom"},
+		},
+		{
+			name:   "unterminated last line counts",
+			output: "=== RUN   TestK\n    k_test.go:9: died\n--- FAIL: TestK (0.10s)\n    k_test.go:10: tail",
+			want:   []string{"guest TestK failed", "k_test.go:9: died"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var logged []string
+			w := newTestLogWriter(func(args ...any) { logged = append(logged, args[0].(string)) })
+			for _, chunk := range strings.SplitAfter(tt.output, "\n") {
+				w.Write([]byte(chunk))
+			}
+			w.flush()
+			if n := strings.Count(tt.output, "\n") + 1; strings.HasSuffix(tt.output, "\n") && len(logged) != n-1 || !strings.HasSuffix(tt.output, "\n") && len(logged) != n {
+				t.Errorf("logged %d lines for %d", len(logged), n)
+			}
+			got := w.failures()
+			if tt.none {
+				if got != "" {
+					t.Errorf("failures() = %q, want none", got)
+				}
+				return
+			}
+			if strings.Contains(got, "guest TestK failed") && strings.Contains(got, "TestK/") {
+				t.Errorf("failures() names the parent as well as a subtest: %q", got)
+			}
+			if strings.Contains(got, "a_test.go:2: two") {
+				t.Errorf("failures() = %q, want only the last %d lines", got, failureLines)
+			}
+			at := 0
+			for _, w := range tt.want {
+				i := strings.Index(got[at:], w)
+				if i < 0 {
+					t.Fatalf("failures() = %q, want %q after byte %d", got, w, at)
+				}
+				at += i + len(w)
+			}
+		})
+	}
+}

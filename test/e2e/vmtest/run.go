@@ -104,7 +104,7 @@ func Run(t *testing.T, opts Options, cases []Case) {
 	}
 	opts.Env = append(append([]string{}, opts.Env...), "PLOOP_CSI_IN_VM=1")
 
-	out := &testLogWriter{t: t}
+	out := newTestLogWriter(t.Log)
 	res, err := Exec(context.Background(), opts, Command{
 		Args:        args,
 		Dir:         wd,
@@ -117,7 +117,9 @@ func Run(t *testing.T, opts Options, cases []Case) {
 		t.Fatal(err)
 	}
 	if res.ExitStatus != 0 {
-		t.Fatalf("vmtest: guest test run exited with status %d (its output is above)", res.ExitStatus)
+		// A CI log shows only the head and the tail of a run: repeat what
+		// failed in the guest where the host's failure message is read.
+		t.Fatalf("vmtest: guest test run exited with status %d (its output is above)%s", res.ExitStatus, out.failures())
 	}
 }
 
@@ -142,10 +144,28 @@ func guestRunPattern(name, hostRun string) string {
 	return p
 }
 
-// testLogWriter turns the guest's output into t.Log lines.
+// testLogWriter turns the guest's output into t.Log lines and remembers,
+// per guest test, its last lines, so that the failures can be repeated in
+// one message at the end.
 type testLogWriter struct {
-	t   *testing.T
+	log func(args ...any)
 	buf []byte
+	// current is the guest test the next lines belong to, as go test -v's
+	// "=== RUN/CONT/NAME" headers say.
+	current string
+	last    map[string][]string
+	failed  []string
+}
+
+// failureLines is how many of a failed guest test's last lines are
+// repeated, and lineLimit how much of each.
+const (
+	failureLines = 4
+	lineLimit    = 300
+)
+
+func newTestLogWriter(log func(args ...any)) *testLogWriter {
+	return &testLogWriter{log: log, last: map[string][]string{}}
 }
 
 func (w *testLogWriter) Write(p []byte) (int, error) {
@@ -155,16 +175,69 @@ func (w *testLogWriter) Write(p []byte) (int, error) {
 		if i < 0 {
 			return len(p), nil
 		}
-		w.t.Log("guest: " + string(w.buf[:i]))
+		w.line(string(w.buf[:i]))
 		w.buf = w.buf[i+1:]
 	}
 }
 
 func (w *testLogWriter) flush() {
 	if len(w.buf) > 0 {
-		w.t.Log("guest: " + string(w.buf))
+		w.line(string(w.buf))
 		w.buf = nil
 	}
+}
+
+func (w *testLogWriter) line(l string) {
+	w.log("guest: " + l)
+	trimmed := strings.TrimSpace(l)
+	for _, h := range []string{"=== RUN ", "=== CONT ", "=== NAME ", "=== PAUSE "} {
+		if name, ok := strings.CutPrefix(trimmed, h); ok {
+			w.current = strings.TrimSpace(name)
+			return
+		}
+	}
+	if strings.HasPrefix(l, "--- ") {
+		// A top-level result: what follows is the test binary's, not a test's.
+		w.current = ""
+	}
+	if rest, ok := strings.CutPrefix(trimmed, "--- FAIL: "); ok {
+		name, _, _ := strings.Cut(rest, " ")
+		w.failed = append(w.failed, name)
+		return
+	}
+	if w.current == "" || trimmed == "" || strings.HasPrefix(trimmed, "--- ") {
+		return
+	}
+	if len(trimmed) > lineLimit {
+		trimmed = trimmed[:lineLimit] + "…"
+	}
+	ls := append(w.last[w.current], trimmed)
+	if len(ls) > failureLines {
+		ls = ls[len(ls)-failureLines:]
+	}
+	w.last[w.current] = ls
+}
+
+// failures names the guest tests that failed, innermost only, each with
+// its last lines; "" when the guest reported none.
+func (w *testLogWriter) failures() string {
+	var b strings.Builder
+	for _, name := range w.failed {
+		leaf := true
+		for _, other := range w.failed {
+			if strings.HasPrefix(other, name+"/") {
+				leaf = false
+			}
+		}
+		if !leaf {
+			continue
+		}
+		fmt.Fprintf(&b, "\n\tguest %s failed; its last lines:", name)
+		for _, l := range w.last[name] {
+			b.WriteString("\n\t\t" + l)
+		}
+	}
+	return b.String()
 }
 
 // UnprivilegedUID and UnprivilegedGID ("nobody") are a user without
