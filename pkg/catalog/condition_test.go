@@ -110,7 +110,7 @@ func TestConditionRepairsOffline(t *testing.T) {
 	if cond, _ := c.Condition(ctx, v.ID); !cond.Abnormal || !strings.Contains(cond.Message, "cannot be read") {
 		t.Fatalf("lost descriptor: %+v", cond)
 	}
-	if _, err := c.Condition(ctx, newVolumeID(Ploop)); !errors.Is(err, ErrNotFound) {
+	if _, err := c.Condition(ctx, NewVolumeID(Ploop)); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("unknown volume: %v", err)
 	}
 

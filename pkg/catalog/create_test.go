@@ -50,7 +50,7 @@ func TestCreateVolumeIdempotent(t *testing.T) {
 		{Name: "pvc-1", RequiredBytes: 11 * mib, MkfsOptions: "-m 0"},
 		{Name: "pvc-1", RequiredBytes: 11 * mib, Discard: DiscardOnline},
 		{Name: "pvc-1", RequiredBytes: 11 * mib, SourceVolume: src.ID},
-		{Name: "pvc-1", RequiredBytes: 11 * mib, SourceSnapshot: newSnapshotID()},
+		{Name: "pvc-1", RequiredBytes: 11 * mib, SourceSnapshot: NewSnapshotID()},
 	}
 	for _, req := range differ {
 		_, err := c.CreateVolume(ctx, req)
@@ -112,9 +112,9 @@ func TestCreateVolumeValidation(t *testing.T) {
 		{VolumeRequest{Name: "r", Type: "zfs"}, 0, ErrInvalid},
 		{VolumeRequest{Name: ""}, 0, ErrInvalid},
 		{VolumeRequest{Name: "bad\xff"}, 0, ErrInvalid},
-		{VolumeRequest{Name: "s", SourceVolume: newVolumeID(Ploop), SourceSnapshot: newSnapshotID()}, 0, ErrInvalid},
-		{VolumeRequest{Name: "t", SourceSnapshot: newSnapshotID()}, 0, ErrNotFound},
-		{VolumeRequest{Name: "u", SourceVolume: newVolumeID(Ploop)}, 0, ErrNotFound},
+		{VolumeRequest{Name: "s", SourceVolume: NewVolumeID(Ploop), SourceSnapshot: NewSnapshotID()}, 0, ErrInvalid},
+		{VolumeRequest{Name: "t", SourceSnapshot: NewSnapshotID()}, 0, ErrNotFound},
+		{VolumeRequest{Name: "u", SourceVolume: NewVolumeID(Ploop)}, 0, ErrNotFound},
 		{VolumeRequest{Name: "v", SourceVolume: "../../etc"}, 0, ErrInvalid},
 		{VolumeRequest{Name: "w", RequiredBytes: 3 * mib, ClusterSize: 64 << 10, FSType: FSXfs, MkfsOptions: "-m reflink=0"}, 3 * mib, nil},
 	} {
@@ -185,7 +185,7 @@ func TestOpenValidation(t *testing.T) {
 	}
 	// A record that is not ours stops Open rather than being misread.
 	c.Close()
-	if err := os.WriteFile(filepath.Join(dir, "catalog", "volumes", newVolumeID(Ploop)+".json"), []byte("{}"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "catalog", "volumes", NewVolumeID(Ploop)+".json"), []byte("{}"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := Open(dir, Options{}); err == nil {

@@ -51,14 +51,16 @@ func newUUID() string {
 	return string(out)
 }
 
-func newVolumeID(t Type) string {
+// NewVolumeID returns a fresh volume id of type t.
+func NewVolumeID(t Type) string {
 	if t == Simfs {
 		return simfsPrefix + newUUID()
 	}
 	return ploopPrefix + newUUID()
 }
 
-func newSnapshotID() string { return snapshotPrefix + newUUID() }
+// NewSnapshotID returns a fresh snapshot id.
+func NewSnapshotID() string { return snapshotPrefix + newUUID() }
 
 // checkSafe rejects what must never reach a path: empty, too long, bytes
 // other than [A-Za-z0-9._-], a leading '.' or '-', or "..". It is the same

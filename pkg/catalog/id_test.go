@@ -55,7 +55,7 @@ func TestParseVolumeID(t *testing.T) {
 	}
 	seen := map[string]bool{}
 	for range 1000 {
-		id := newVolumeID(Ploop)
+		id := NewVolumeID(Ploop)
 		if typ, err := ParseVolumeID(id); err != nil || typ != Ploop || seen[id] {
 			t.Fatalf("generated %q: %v (seen %v)", id, err, seen[id])
 		}
@@ -64,14 +64,14 @@ func TestParseVolumeID(t *testing.T) {
 }
 
 func TestToken(t *testing.T) {
-	id := newVolumeID(Simfs)
+	id := NewVolumeID(Simfs)
 	tok := makeToken(volumeTokenKind, id)
 	if got, err := parseToken(volumeTokenKind, tok); err != nil || got != id {
 		t.Fatalf("round trip: %q, %v", got, err)
 	}
 	for _, bad := range []string{
-		"garbage!", tok + "x", makeToken(snapshotTokenKind, newSnapshotID()), makeToken(volumeTokenKind, "../x"),
-		makeToken(volumeTokenKind, newSnapshotID()), strings.Repeat("A", 10000),
+		"garbage!", tok + "x", makeToken(snapshotTokenKind, NewSnapshotID()), makeToken(volumeTokenKind, "../x"),
+		makeToken(volumeTokenKind, NewSnapshotID()), strings.Repeat("A", 10000),
 	} {
 		if _, err := parseToken(volumeTokenKind, bad); !errors.Is(err, ErrBadToken) {
 			t.Errorf("token %q: %v, want ErrBadToken", bad, err)
@@ -109,8 +109,8 @@ func FuzzParseID(f *testing.F) {
 
 // FuzzToken: tokens never panic and accepted ones name a valid id.
 func FuzzToken(f *testing.F) {
-	f.Add(makeToken(volumeTokenKind, newVolumeID(Ploop)))
-	f.Add(makeToken(snapshotTokenKind, newSnapshotID()))
+	f.Add(makeToken(volumeTokenKind, NewVolumeID(Ploop)))
+	f.Add(makeToken(snapshotTokenKind, NewSnapshotID()))
 	f.Add("!!")
 	f.Fuzz(func(t *testing.T, tok string) {
 		for _, kind := range []string{volumeTokenKind, snapshotTokenKind} {
@@ -129,15 +129,15 @@ func FuzzToken(f *testing.F) {
 }
 
 func TestRecordRoundTrip(t *testing.T) {
-	v := &volumeRecord{Version: recordVersion, ID: newVolumeID(Ploop), Name: "pvc-ü", State: stateReady, Type: Ploop,
-		Size: 64 * mib, FSType: FSXfs, ClusterSize: mib, SourceSnapshot: newSnapshotID(), PendingMerges: []string{ploop.NewGUID()},
+	v := &volumeRecord{Version: recordVersion, ID: NewVolumeID(Ploop), Name: "pvc-ü", State: stateReady, Type: Ploop,
+		Size: 64 * mib, FSType: FSXfs, ClusterSize: mib, SourceSnapshot: NewSnapshotID(), PendingMerges: []string{ploop.NewGUID()},
 		Created: time.Unix(1700000000, 0).UTC()}
 	b, _ := json.Marshal(v)
 	got, err := parseVolumeRecord(b, v.ID)
 	if err != nil || got.Name != v.Name || got.SourceSnapshot != v.SourceSnapshot || !got.Created.Equal(v.Created) {
 		t.Fatalf("volume record: %+v, %v", got, err)
 	}
-	if _, err := parseVolumeRecord(b, newVolumeID(Ploop)); err == nil {
+	if _, err := parseVolumeRecord(b, NewVolumeID(Ploop)); err == nil {
 		t.Fatal("a record in another id's file was accepted")
 	}
 	for _, bad := range []string{
@@ -149,8 +149,8 @@ func TestRecordRoundTrip(t *testing.T) {
 			t.Errorf("accepted %s", bad)
 		}
 	}
-	s := &snapshotRecord{Version: recordVersion, ID: newSnapshotID(), Name: "snap", State: stateCreating, Type: Simfs,
-		SourceVolume: newVolumeID(Simfs), Size: 4096}
+	s := &snapshotRecord{Version: recordVersion, ID: NewSnapshotID(), Name: "snap", State: stateCreating, Type: Simfs,
+		SourceVolume: NewVolumeID(Simfs), Size: 4096}
 	b, _ = json.Marshal(s)
 	if got, err := parseSnapshotRecord(b, s.ID); err != nil || *got != *s {
 		t.Fatalf("snapshot record: %+v, %v", got, err)
@@ -160,9 +160,9 @@ func TestRecordRoundTrip(t *testing.T) {
 // FuzzRecord: the record parsers never panic, and what they accept has
 // ids that are safe as path components.
 func FuzzRecord(f *testing.F) {
-	v, _ := json.Marshal(&volumeRecord{Version: 1, ID: newVolumeID(Ploop), Name: "n", State: stateReady, Type: Ploop, Size: mib})
-	s, _ := json.Marshal(&snapshotRecord{Version: 1, ID: newSnapshotID(), Name: "n", State: stateReady, Type: Ploop,
-		SourceVolume: newVolumeID(Ploop), Size: mib})
+	v, _ := json.Marshal(&volumeRecord{Version: 1, ID: NewVolumeID(Ploop), Name: "n", State: stateReady, Type: Ploop, Size: mib})
+	s, _ := json.Marshal(&snapshotRecord{Version: 1, ID: NewSnapshotID(), Name: "n", State: stateReady, Type: Ploop,
+		SourceVolume: NewVolumeID(Ploop), Size: mib})
 	f.Add(v)
 	f.Add(s)
 	f.Add([]byte(`{"version":1,"id":"../x"}`))
@@ -178,4 +178,85 @@ func FuzzRecord(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestRequestedIDs: a cluster's controller names volumes and snapshots
+// before the node creates them; the catalogue uses the id, keeps creation
+// idempotent by name and id, and refuses ids that are malformed, of the
+// wrong type, or taken.
+func TestRequestedIDs(t *testing.T) {
+	c := newFastCatalog(t, Options{})
+	ctx := testCtx(t)
+	vid := NewVolumeID(Ploop)
+	v := mustCreate(t, c, VolumeRequest{Name: "pvc-a", ID: vid, RequiredBytes: 8 << 20})
+	if v.ID != vid {
+		t.Fatalf("created %s, asked for %s", v.ID, vid)
+	}
+	if again, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-a", ID: vid, RequiredBytes: 8 << 20}); err != nil || again.ID != vid {
+		t.Fatalf("repeat: %v, %v", again.ID, err)
+	}
+	if again, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-a", RequiredBytes: 8 << 20}); err != nil || again.ID != vid {
+		t.Fatalf("repeat without an id: %v, %v", again.ID, err)
+	}
+	sid := NewSnapshotID()
+	s, err := c.CreateSnapshotWithID(ctx, sid, "snap-a", vid)
+	if err != nil || s.ID != sid {
+		t.Fatalf("snapshot: %v, %v (asked for %s)", s.ID, err, sid)
+	}
+	if again, err := c.CreateSnapshotWithID(ctx, sid, "snap-a", vid); err != nil || again.ID != sid {
+		t.Fatalf("repeat snapshot: %v, %v", again.ID, err)
+	}
+	for _, tt := range []struct {
+		name  string
+		err   error
+		class error
+	}{
+		{"the name with another id", func() error {
+			_, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-a", ID: NewVolumeID(Ploop), RequiredBytes: 8 << 20})
+			return err
+		}(), ErrExists},
+		{"the id with another name", func() error {
+			_, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-b", ID: vid, RequiredBytes: 8 << 20})
+			return err
+		}(), ErrExists},
+		{"a simfs id for a ploop volume", func() error {
+			_, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-c", ID: NewVolumeID(Simfs)})
+			return err
+		}(), ErrInvalid},
+		{"not an id", func() error {
+			_, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-d", ID: "ploop-1"})
+			return err
+		}(), ErrInvalid},
+		{"a path", func() error {
+			_, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-e", ID: "../x"})
+			return err
+		}(), ErrInvalid},
+		{"its own source", func() error {
+			_, err := c.CreateVolume(ctx, VolumeRequest{Name: "pvc-f", ID: vid, SourceVolume: vid})
+			return err
+		}(), ErrInvalid},
+		{"snapshot name with another id", func() error {
+			_, err := c.CreateSnapshotWithID(ctx, NewSnapshotID(), "snap-a", vid)
+			return err
+		}(), ErrExists},
+		{"snapshot id with another name", func() error {
+			_, err := c.CreateSnapshotWithID(ctx, sid, "snap-b", vid)
+			return err
+		}(), ErrExists},
+		{"a volume id for a snapshot", func() error {
+			_, err := c.CreateSnapshotWithID(ctx, vid, "snap-c", vid)
+			return err
+		}(), ErrInvalid},
+	} {
+		t.Run(tt.name, func(t *testing.T) { wantErr(t, tt.err, tt.class, tt.name) })
+	}
+	// Nothing of the refused requests was left behind.
+	vols, _, err := c.ListVolumes(ctx, "", 0)
+	if err != nil || len(vols) != 1 {
+		t.Fatalf("volumes after the refusals: %v, %v", vols, err)
+	}
+	snaps, _, err := c.ListSnapshots(ctx, SnapshotFilter{}, "", 0)
+	if err != nil || len(snaps) != 1 {
+		t.Fatalf("snapshots after the refusals: %v, %v", snaps, err)
+	}
 }

@@ -74,7 +74,7 @@ func TestListPagination(t *testing.T) {
 	if err != nil || len(byID) != 1 || byID[0].ID != snaps[2] {
 		t.Fatalf("by id: %v, %v", byID, err)
 	}
-	none, _, err := c.ListSnapshots(ctx, SnapshotFilter{SnapshotID: newSnapshotID()}, "", 0)
+	none, _, err := c.ListSnapshots(ctx, SnapshotFilter{SnapshotID: NewSnapshotID()}, "", 0)
 	if err != nil || len(none) != 0 {
 		t.Fatalf("unknown id: %v, %v", none, err)
 	}

@@ -33,16 +33,31 @@ func toSnapshot(r *snapshotRecord) Snapshot {
 // links the frozen deltas is made for the snapshot, so that it outlives the
 // volume. For simfs it is a copy of the tree.
 func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string) (Snapshot, error) {
-	s, err := c.createSnapshot(ctx, name, sourceVolume)
+	return c.CreateSnapshotWithID(ctx, "", name, sourceVolume)
+}
+
+// CreateSnapshotWithID is CreateSnapshot with the id a new snapshot gets
+// (NewSnapshotID makes one), so that a cluster's controller can name the
+// snapshot before the owning node takes it; "" lets the catalogue choose.
+// The name taken by a snapshot with another id is ErrExists.
+func (c *Catalog) CreateSnapshotWithID(ctx context.Context, id, name, sourceVolume string) (Snapshot, error) {
+	s, err := c.createSnapshot(ctx, id, name, sourceVolume)
 	if err != nil {
 		return Snapshot{}, fmt.Errorf("create snapshot %q of %s: %w", name, sourceVolume, classify(err))
 	}
 	return s, nil
 }
 
-func (c *Catalog) createSnapshot(ctx context.Context, name, source string) (Snapshot, error) {
+func (c *Catalog) createSnapshot(ctx context.Context, id, name, source string) (Snapshot, error) {
 	if err := checkName("snapshot", name); err != nil {
 		return Snapshot{}, err
+	}
+	if id != "" {
+		if err := ValidateSnapshotID(id); errors.Is(err, ErrNotFound) {
+			return Snapshot{}, fmt.Errorf("requested id %q is not a snapshot id of this driver: %w", id, ErrInvalid)
+		} else if err != nil {
+			return Snapshot{}, err
+		}
 	}
 	if _, err := ParseVolumeID(source); err != nil {
 		return Snapshot{}, fmt.Errorf("source volume: %w", err)
@@ -56,6 +71,9 @@ func (c *Catalog) createSnapshot(ctx context.Context, name, source string) (Snap
 		if r.State == stateReady {
 			if r.SourceVolume != source {
 				return Snapshot{}, fmt.Errorf("snapshot %s exists for volume %s: %w", r.ID, r.SourceVolume, ErrExists)
+			}
+			if id != "" && r.ID != id {
+				return Snapshot{}, fmt.Errorf("snapshot %s has this name, the request names id %s: %w", r.ID, id, ErrExists)
 			}
 			return toSnapshot(r), nil
 		}
@@ -82,7 +100,19 @@ func (c *Catalog) createSnapshot(ctx context.Context, name, source string) (Snap
 	if !ok || v.State != stateReady {
 		return Snapshot{}, fmt.Errorf("source volume %s: %w", source, ErrNotFound)
 	}
-	rec := &snapshotRecord{ID: newSnapshotID(), Name: name, State: stateCreating, Type: v.Type, SourceVolume: source,
+	if id == "" {
+		id = NewSnapshotID()
+	} else {
+		unlockID, err := c.lockKey(ctx, c.snapKey(id))
+		if err != nil {
+			return Snapshot{}, err
+		}
+		defer unlockID()
+		if r, ok := c.snapshot(id); ok {
+			return Snapshot{}, fmt.Errorf("id %s belongs to snapshot %q: %w", id, r.Name, ErrExists)
+		}
+	}
+	rec := &snapshotRecord{ID: id, Name: name, State: stateCreating, Type: v.Type, SourceVolume: source,
 		Size: v.Size, FSType: v.FSType, ClusterSize: v.ClusterSize, Created: time.Now().UTC().Truncate(time.Second)}
 	if err := c.putSnapshot(rec); err != nil {
 		return Snapshot{}, err

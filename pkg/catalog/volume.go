@@ -32,6 +32,11 @@ type VolumeRequest struct {
 	// Name is the caller's name for the volume (the CSI name): creation is
 	// idempotent by name.
 	Name string
+	// ID, when set, is the id a new volume gets (NewVolumeID makes one of
+	// the request's type). A cluster's controller names a volume before
+	// the owning node creates it, so that its custom resource and the CSI
+	// volume handle agree from the start; empty lets the catalogue choose.
+	ID string
 	// Type is Ploop (default) or Simfs.
 	Type Type
 	// RequiredBytes and LimitBytes are the capacity range; 0 means unset.
@@ -106,6 +111,19 @@ func normalize(req VolumeRequest) (VolumeRequest, error) {
 	case DiscardPeriodic, DiscardOnline:
 	default:
 		return req, fmt.Errorf("discard %q: want %q or %q: %w", req.Discard, DiscardPeriodic, DiscardOnline, ErrInvalid)
+	}
+	if req.ID != "" {
+		t, err := ParseVolumeID(req.ID)
+		switch {
+		case errors.Is(err, ErrNotFound):
+			return req, fmt.Errorf("requested id %q is not a volume id of this driver: %w", req.ID, ErrInvalid)
+		case err != nil:
+			return req, err
+		case t != req.Type:
+			return req, fmt.Errorf("requested id %q is a %s id, the request is for a %s volume: %w", req.ID, t, req.Type, ErrInvalid)
+		case req.ID == req.SourceVolume:
+			return req, fmt.Errorf("volume %s cannot be its own source: %w", req.ID, ErrInvalid)
+		}
 	}
 	if len(req.MkfsOptions) > maxMkfsOptions {
 		return req, fmt.Errorf("mkfsOptions are %d bytes long, more than %d: %w", len(req.MkfsOptions), maxMkfsOptions, ErrInvalid)
@@ -289,6 +307,9 @@ func (c *Catalog) createVolume(ctx context.Context, req VolumeRequest) (Volume, 
 			if err := matches(r, req); err != nil {
 				return Volume{}, err
 			}
+			if req.ID != "" && r.ID != req.ID {
+				return Volume{}, fmt.Errorf("volume %s has this name, the request names id %s: %w", r.ID, req.ID, ErrExists)
+			}
 			return toVolume(r), nil
 		}
 		// An earlier attempt failed and could not clean up: do it now.
@@ -297,7 +318,22 @@ func (c *Catalog) createVolume(ctx context.Context, req VolumeRequest) (Volume, 
 		}
 	}
 
-	rec := &volumeRecord{ID: newVolumeID(req.Type), Name: req.Name, State: stateCreating, Type: req.Type,
+	id := req.ID
+	if id == "" {
+		id = NewVolumeID(req.Type)
+	} else {
+		// Taken last: only DeleteVolume locks an id from outside, and it
+		// takes no other lock.
+		unlockID, err := c.lockKey(ctx, c.volKey(id))
+		if err != nil {
+			return Volume{}, err
+		}
+		defer unlockID()
+		if r, ok := c.volume(id); ok {
+			return Volume{}, fmt.Errorf("id %s belongs to volume %q: %w", id, r.Name, ErrExists)
+		}
+	}
+	rec := &volumeRecord{ID: id, Name: req.Name, State: stateCreating, Type: req.Type,
 		FSType: req.FSType, ClusterSize: req.ClusterSize, MkfsOptions: req.MkfsOptions, Inodes: req.Inodes,
 		Discard: req.Discard, SourceSnapshot: req.SourceSnapshot, SourceVolume: req.SourceVolume,
 		Created: time.Now().UTC().Truncate(time.Second)}
@@ -459,7 +495,7 @@ func (c *Catalog) buildDir(d dirVolumes, rec *volumeRecord, srcSnap *snapshotRec
 	case rec.SourceVolume != "":
 		// simfs copies through a snapshot; its id is recorded first so
 		// that a crash leaves nothing behind.
-		rec.CloneSnapshot = newSnapshotID()
+		rec.CloneSnapshot = NewSnapshotID()
 		if err := c.putVolume(rec); err != nil {
 			return err
 		}
