@@ -1,0 +1,293 @@
+package kubeapi
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"golang.org/x/mod/modfile"
+)
+
+// KubernetesVersion is the kube-apiserver the tests run: the minor of the
+// k8s.io/* libraries in go.mod, so the server speaks the API the driver's
+// clients were built against.
+const KubernetesVersion = "v1.34.4"
+
+// Paths are the control plane's executables.
+type Paths struct {
+	Etcd          string
+	KubeAPIServer string
+}
+
+// etcdCandidates are where Debian's etcd-server installs etcd; PATH is
+// searched first so a developer may bring their own.
+var etcdCandidates = []string{"/usr/bin/etcd"}
+
+// Binaries returns etcd and kube-apiserver, building kube-apiserver into the
+// cache when it is not there yet. Concurrent test processes serialise on a
+// lock file in the cache, so two packages' tests build it once.
+func Binaries(ctx context.Context, logf func(string, ...any)) (Paths, error) {
+	etcd, err := findEtcd()
+	if err != nil {
+		return Paths{}, err
+	}
+	apiserver, err := kubeAPIServer(ctx, logf)
+	if err != nil {
+		return Paths{}, err
+	}
+	return Paths{Etcd: etcd, KubeAPIServer: apiserver}, nil
+}
+
+func findEtcd() (string, error) {
+	if p, err := exec.LookPath("etcd"); err == nil {
+		return p, nil
+	}
+	for _, p := range etcdCandidates {
+		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("no etcd in PATH or at %s: install Debian's etcd-server (see .ci/deps)", strings.Join(etcdCandidates, ", "))
+}
+
+// cacheDir is vmtest's: $PLOOP_CSI_CACHE, else $XDG_CACHE_HOME/ploop-csi,
+// else ~/.cache/ploop-csi, else a per-user directory under the temp dir.
+func cacheDir() string {
+	if d := os.Getenv("PLOOP_CSI_CACHE"); d != "" {
+		return d
+	}
+	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
+		return filepath.Join(d, "ploop-csi")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".cache", "ploop-csi")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("ploop-csi-cache-%d", os.Getuid()))
+}
+
+// kubeAPIServer returns the cached kube-apiserver of KubernetesVersion,
+// building it first if needed. The binary only ever appears in the cache by
+// a rename, so a build killed half way leaves nothing that looks usable.
+func kubeAPIServer(ctx context.Context, logf func(string, ...any)) (string, error) {
+	dir := filepath.Join(cacheDir(), "kube", KubernetesVersion)
+	bin := filepath.Join(dir, "kube-apiserver")
+	if isExecutable(bin) {
+		return bin, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create cache dir: %w", err)
+	}
+	// Its own lock, not vmtest's: a VM test preparing its kernel must not
+	// wait for a ten-minute compile.
+	unlock, err := lockFile(filepath.Join(cacheDir(), "kube", ".lock"))
+	if err != nil {
+		return "", err
+	}
+	defer unlock()
+	if isExecutable(bin) { // built by another process while we waited
+		return bin, nil
+	}
+	// Builds run only under the lock, so any build dir now is a killed one's.
+	if old, err := filepath.Glob(filepath.Join(dir, ".build-*")); err == nil {
+		for _, d := range old {
+			os.RemoveAll(d)
+		}
+	}
+
+	work, err := os.MkdirTemp(dir, ".build-")
+	if err != nil {
+		return "", fmt.Errorf("create build dir: %w", err)
+	}
+	defer os.RemoveAll(work)
+	logf("kubeapi: building kube-apiserver %s from the Go module proxy into %s (minutes on a cold cache)", KubernetesVersion, dir)
+	start := time.Now()
+	tmp := filepath.Join(work, "kube-apiserver")
+	if err := buildKubeAPIServer(ctx, work, tmp); err != nil {
+		return "", fmt.Errorf("build kube-apiserver %s: %w", KubernetesVersion, err)
+	}
+	if err := os.Rename(tmp, bin); err != nil {
+		return "", fmt.Errorf("install kube-apiserver in cache: %w", err)
+	}
+	logf("kubeapi: built kube-apiserver %s in %s", KubernetesVersion, time.Since(start).Round(time.Second))
+	return bin, nil
+}
+
+// buildKubeAPIServer compiles cmd/kube-apiserver into out from a module
+// written in work. k8s.io/kubernetes is not meant to be required: its go.mod
+// requires its staging modules at v0.0.0 and replaces them with directories
+// of its own repository, which a dependent does not get. Replacing each with
+// its published release of the same patch level gives the exact sources of
+// the release, and every other dependency stays at the version the release
+// pins.
+func buildKubeAPIServer(ctx context.Context, work, out string) error {
+	gomod, err := downloadModFile(ctx, work, "k8s.io/kubernetes@"+KubernetesVersion)
+	if err != nil {
+		return err
+	}
+	staging, err := stagingModules(gomod)
+	if err != nil {
+		return err
+	}
+	src, err := buildModule(KubernetesVersion, staging)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(work, "go.mod"), src, 0o644); err != nil {
+		return err
+	}
+	args := []string{"build", "-trimpath", "-ldflags", versionLDFlags(KubernetesVersion),
+		"-o", out, "k8s.io/kubernetes/cmd/kube-apiserver"}
+	name := "go"
+	// The machine is shared with VM tests whose timing matters more than
+	// this compile's.
+	if nice, err := exec.LookPath("nice"); err == nil {
+		name, args = nice, append([]string{"-n", "10", "go"}, args...)
+	}
+	if _, err := goCommand(ctx, work, name, args...); err != nil {
+		return err
+	}
+	return nil
+}
+
+// downloadModFile fetches module@version into the module cache and returns
+// its go.mod.
+func downloadModFile(ctx context.Context, work, modVersion string) ([]byte, error) {
+	out, err := goCommand(ctx, work, "go", "mod", "download", "-json", modVersion)
+	if err != nil {
+		return nil, err
+	}
+	var info struct {
+		GoMod string
+		Error string
+	}
+	if err := json.Unmarshal(out, &info); err != nil {
+		return nil, fmt.Errorf("go mod download %s: %w", modVersion, err)
+	}
+	if info.Error != "" || info.GoMod == "" {
+		return nil, fmt.Errorf("go mod download %s: %q", modVersion, info.Error)
+	}
+	return os.ReadFile(info.GoMod)
+}
+
+// stagingModules lists the modules k8s.io/kubernetes replaces with its own
+// ./staging/src directories.
+func stagingModules(gomod []byte) ([]string, error) {
+	f, err := modfile.Parse("k8s.io/kubernetes/go.mod", gomod, nil)
+	if err != nil {
+		return nil, err
+	}
+	var mods []string
+	for _, r := range f.Replace {
+		if r.New.Version == "" && strings.HasPrefix(r.New.Path, "./staging/src/") {
+			mods = append(mods, r.Old.Path)
+		}
+	}
+	if len(mods) == 0 {
+		return nil, errors.New("k8s.io/kubernetes's go.mod replaces no ./staging modules: the build recipe no longer fits this release")
+	}
+	sort.Strings(mods)
+	return mods, nil
+}
+
+// stagingVersion is the k8s.io/* library release cut with a Kubernetes
+// release: v1.34.4 → v0.34.4.
+func stagingVersion(kube string) (string, error) {
+	rest, ok := strings.CutPrefix(kube, "v1.")
+	if !ok {
+		return "", fmt.Errorf("kubernetes version %q is not v1.x.y", kube)
+	}
+	return "v0." + rest, nil
+}
+
+func buildModule(kube string, staging []string) ([]byte, error) {
+	lib, err := stagingVersion(kube)
+	if err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "module ploop-csi.invalid/kube-apiserver-build\n\ngo 1.24.0\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n", kube)
+	for _, m := range staging {
+		fmt.Fprintf(&b, "\t%s => %s %s\n", m, m, lib)
+	}
+	b.WriteString(")\n")
+	return b.Bytes(), nil
+}
+
+// versionLDFlags stamps the version the release build would: without it the
+// server reports v0.0.0-master, and clients that compare versions (and the
+// server's own compatibility-version checks) see a version that never was.
+func versionLDFlags(kube string) string {
+	major, minor := "1", ""
+	if parts := strings.SplitN(strings.TrimPrefix(kube, "v"), ".", 3); len(parts) >= 2 {
+		major, minor = parts[0], parts[1]
+	}
+	flags := []string{"-s", "-w"}
+	for _, pkg := range []string{"k8s.io/component-base/version", "k8s.io/client-go/pkg/version"} {
+		flags = append(flags,
+			"-X", pkg+".gitVersion="+kube,
+			"-X", pkg+".gitMajor="+major,
+			"-X", pkg+".gitMinor="+minor,
+			"-X", pkg+".gitTreeState=clean",
+		)
+	}
+	return strings.Join(flags, " ")
+}
+
+// goCommand runs the go tool (possibly under nice) in dir with an environment
+// that makes the throw-away module self-contained: no workspace, go.sum
+// filled in as needed, no cgo (the release binaries are static too).
+func goCommand(ctx context.Context, dir, name string, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=mod", "CGO_ENABLED=0")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		if errors.Is(err, exec.ErrNotFound) {
+			return nil, fmt.Errorf("%s not found in PATH: %w", name, err)
+		}
+		return nil, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, tail(stderr.Bytes(), 3000))
+	}
+	return out, nil
+}
+
+func isExecutable(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 && st.Size() > 0
+}
+
+// lockFile takes an exclusive flock, blocking until other holders finish.
+func lockFile(path string) (func(), error) {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("open cache lock: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return func() { f.Close() }, nil
+}
+
+// tail is the end of b, at most n bytes, from a line start where possible.
+func tail(b []byte, n int) string {
+	s := strings.TrimSpace(string(b))
+	if len(s) <= n {
+		return s
+	}
+	s = s[len(s)-n:]
+	if i := strings.IndexByte(s, '\n'); i >= 0 && i < len(s)-1 {
+		s = s[i+1:]
+	}
+	return "...\n" + s
+}
