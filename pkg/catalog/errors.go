@@ -41,3 +41,57 @@ var (
 // ErrNotAttached is what an Online implementation returns when it does not
 // serve the volume; the catalogue then runs the operation offline itself.
 var ErrNotAttached = errors.New("volume is not attached")
+
+// classes names the error classes for a record that outlives the process,
+// such as a custom resource's status: the node writes ClassOf, the
+// controller reads it back with FromClass and maps it as if the catalogue
+// had returned it.
+var classes = []struct {
+	name string
+	err  error
+}{
+	{"Invalid", ErrInvalid}, {"NotFound", ErrNotFound}, {"Exists", ErrExists}, {"OutOfRange", ErrOutOfRange},
+	{"NoSpace", ErrNoSpace}, {"Limit", ErrLimit}, {"InUse", ErrInUse}, {"Precondition", ErrPrecondition},
+	{"Busy", ErrBusy}, {"BadToken", ErrBadToken}, {"Unavailable", ErrUnavailable},
+}
+
+// ClassOf names err's class, "" for an error of none (an internal error).
+func ClassOf(err error) string {
+	for _, c := range classes {
+		if errors.Is(err, c.err) {
+			return c.name
+		}
+	}
+	return ""
+}
+
+// Permanent reports whether retrying the same request cannot cure err: the
+// request itself is wrong for this root (invalid, taken, out of range, no
+// capacity, a limit).
+func Permanent(err error) bool {
+	for _, class := range []error{ErrInvalid, ErrExists, ErrOutOfRange, ErrNoSpace, ErrLimit, ErrPrecondition} {
+		if errors.Is(err, class) {
+			return true
+		}
+	}
+	return false
+}
+
+// FromClass is an error with message msg of the class ClassOf named; an
+// unknown or empty class gives an error of no class.
+func FromClass(class, msg string) error {
+	for _, c := range classes {
+		if c.name == class {
+			return &classError{msg: msg, class: c.err}
+		}
+	}
+	return errors.New(msg)
+}
+
+type classError struct {
+	msg   string
+	class error
+}
+
+func (e *classError) Error() string { return e.msg }
+func (e *classError) Unwrap() error { return e.class }

@@ -3,6 +3,7 @@ package catalog
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -258,5 +259,28 @@ func TestRequestedIDs(t *testing.T) {
 	snaps, _, err := c.ListSnapshots(ctx, SnapshotFilter{}, "", 0)
 	if err != nil || len(snaps) != 1 {
 		t.Fatalf("snapshots after the refusals: %v, %v", snaps, err)
+	}
+}
+
+func TestErrorClasses(t *testing.T) {
+	for _, c := range classes {
+		err := fmt.Errorf("create volume %q: %w", "x", c.err)
+		name := ClassOf(err)
+		if name != c.name {
+			t.Errorf("ClassOf(%v) = %q, want %q", err, name, c.name)
+		}
+		back := FromClass(name, err.Error())
+		if !errors.Is(back, c.err) || back.Error() != err.Error() {
+			t.Errorf("FromClass(%q) = %v (class kept: %t)", name, back, errors.Is(back, c.err))
+		}
+	}
+	if got := ClassOf(errors.New("disk on fire")); got != "" {
+		t.Errorf("ClassOf(unclassified) = %q", got)
+	}
+	if err := FromClass("", "boom"); ClassOf(err) != "" || err.Error() != "boom" {
+		t.Errorf("FromClass(\"\") = %v", err)
+	}
+	if !Permanent(fmt.Errorf("x: %w", ErrNoSpace)) || Permanent(fmt.Errorf("x: %w", ErrBusy)) {
+		t.Error("Permanent: ErrNoSpace must be, ErrBusy must not")
 	}
 }

@@ -77,6 +77,9 @@ type Volume struct {
 	SourceSnapshot string
 	SourceVolume   string
 	Created        time.Time
+	// Node is the node whose storage root holds the volume, as a
+	// catalogue that spans nodes reports it; empty from a node's own.
+	Node string
 }
 
 func toVolume(r *volumeRecord) Volume {

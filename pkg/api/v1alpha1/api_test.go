@@ -95,14 +95,14 @@ func TestRoundTrip(t *testing.T) {
 		t.Fatal(err)
 	}
 	codecs := serializer.NewCodecFactory(scheme)
-	size := resource.MustParse("10Gi")
+	size, limit := resource.MustParse("10Gi"), resource.MustParse("20Gi")
 	now := metav1.Now().Rfc3339Copy()
 	for _, obj := range []runtime.Object{
 		&PloopVolume{
 			TypeMeta:   metav1.TypeMeta{APIVersion: GroupVersion.String(), Kind: "PloopVolume"},
 			ObjectMeta: metav1.ObjectMeta{Name: "pvc-1", Finalizers: []string{"ploop.io/node"}},
 			Spec: PloopVolumeSpec{Name: "pvc-1", NodeName: "n1", Type: "ploop", Size: size, FSType: "xfs",
-				Parameters: map[string]string{"clusterSize": "1Mi"}, Source: &VolumeSource{Snapshot: "s1"}},
+				Limit: &limit, ClusterSize: 1 << 20, Discard: "online", Source: &VolumeSource{Snapshot: "s1"}},
 			Status: PloopVolumeStatus{Phase: Failed, Size: &size, Error: &OperationError{Code: "ResourceExhausted", Message: "full"}},
 		},
 		&PloopSnapshot{
@@ -127,9 +127,9 @@ func TestRoundTrip(t *testing.T) {
 		cp := obj.DeepCopyObject()
 		switch o := cp.(type) {
 		case *PloopVolume:
-			o.Spec.Parameters["clusterSize"] = "changed"
+			o.Spec.Limit.Set(1)
 			o.Status.Error.Message = "changed"
-			if orig := obj.(*PloopVolume); orig.Spec.Parameters["clusterSize"] != "1Mi" || orig.Status.Error.Message != "full" {
+			if orig := obj.(*PloopVolume); orig.Spec.Limit.Cmp(resource.MustParse("20Gi")) != 0 || orig.Status.Error.Message != "full" {
 				t.Error("a deep copy of a PloopVolume shares its map or pointers")
 			}
 		case *PloopSnapshot:

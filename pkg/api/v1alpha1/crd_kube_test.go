@@ -167,7 +167,7 @@ func testVolume(ctx context.Context, t *testing.T, c client.Client, cfg *rest.Co
 		ObjectMeta: metav1.ObjectMeta{Name: "pvc-0001", Finalizers: []string{"ploop.io/node"}},
 		Spec: v1alpha1.PloopVolumeSpec{
 			Name: "pvc-0001", NodeName: "node-a", Type: "ploop", Size: resource.MustParse("10Gi"),
-			FSType: "xfs", Parameters: map[string]string{"clusterSize": "1Mi"},
+			FSType: "xfs", ClusterSize: 1 << 20,
 			Source: &v1alpha1.VolumeSource{Snapshot: "snap-id"},
 		},
 	}
@@ -198,7 +198,7 @@ func testVolume(ctx context.Context, t *testing.T, c client.Client, cfg *rest.Co
 		t.Errorf("status read back %+v", st)
 	}
 	if got.Spec.Size.Cmp(resource.MustParse("10Gi")) != 0 || got.Spec.Source == nil || got.Spec.Source.Snapshot != "snap-id" ||
-		got.Spec.Parameters["clusterSize"] != "1Mi" || !slices.Equal(got.Finalizers, []string{"ploop.io/node"}) {
+		got.Spec.ClusterSize != 1<<20 || !slices.Equal(got.Finalizers, []string{"ploop.io/node"}) {
 		t.Errorf("spec read back %+v, finalizers %v", got.Spec, got.Finalizers)
 	}
 

@@ -22,11 +22,22 @@ const (
 	Deleting Phase = "Deleting"
 )
 
+// Finalizer keeps a PloopVolume or PloopSnapshot until the node that owns
+// it has removed what it stands for from its storage root.
+const Finalizer = "ploop.io/storage"
+
+// NodeLabel carries spec.nodeName as a label, so that each node plugin
+// watches only its own resources.
+const NodeLabel = "ploop.io/node"
+
 // OperationError is the last failure of a node's operation, as the CSI
 // call that waits for it will report it.
 type OperationError struct {
-	// Code is the gRPC status code's name, such as ResourceExhausted.
-	Code string `json:"code"`
+	// Code is the storage catalogue's error class, such as NoSpace or
+	// Invalid, which the controller maps to a gRPC code as it maps the
+	// catalogue's own errors; empty for an internal error.
+	// +optional
+	Code string `json:"code,omitempty"`
 	// Message says what failed, for a person to act on.
 	Message string `json:"message"`
 }
@@ -53,17 +64,33 @@ type PloopVolumeSpec struct {
 	// Type is the kind of volume.
 	// +kubebuilder:validation:Enum=ploop;simfs
 	Type string `json:"type"`
-	// Size is the requested size in bytes; growing it expands the
-	// volume, online when it is attached.
+	// Size is the requested size in bytes (0: the default, or the
+	// source's size); growing it expands the volume, online when it is
+	// attached.
 	Size resource.Quantity `json:"size"`
+	// Limit is the most the volume may have after rounding; unset means
+	// no limit.
+	// +optional
+	Limit *resource.Quantity `json:"limit,omitempty"`
 	// FSType is the file system of a ploop volume mounted as one.
 	// +kubebuilder:validation:Enum=ext4;xfs
 	// +optional
 	FSType string `json:"fsType,omitempty"`
-	// Parameters are the StorageClass parameters the volume was created
-	// with (clusterSize, mkfsOptions, inodes, discard).
+	// ClusterSize is the ploop cluster size in bytes; 0 takes the default.
+	// +kubebuilder:validation:Minimum=0
 	// +optional
-	Parameters map[string]string `json:"parameters,omitempty"`
+	ClusterSize int64 `json:"clusterSize,omitempty"`
+	// MkfsOptions are extra arguments for mkfs on the node.
+	// +optional
+	MkfsOptions string `json:"mkfsOptions,omitempty"`
+	// Inodes is a simfs volume's inode limit; 0 derives it from the size.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	Inodes int64 `json:"inodes,omitempty"`
+	// Discard is how freed space returns to the storage root.
+	// +kubebuilder:validation:Enum=periodic;online
+	// +optional
+	Discard string `json:"discard,omitempty"`
 	// Source is the content the volume starts from.
 	// +optional
 	Source *VolumeSource `json:"source,omitempty"`
@@ -83,6 +110,10 @@ type PloopVolumeStatus struct {
 	// Allocated is the storage root's space the volume takes.
 	// +optional
 	Allocated *resource.Quantity `json:"allocated,omitempty"`
+	// NodeExpansionRequired says the last expansion still needs the
+	// node to grow the file system (NodeExpandVolume).
+	// +optional
+	NodeExpansionRequired bool `json:"nodeExpansionRequired,omitempty"`
 	// AttachedNode is the node that serves the volume now, if any: with
 	// a shared root, online operations go to it.
 	// +optional

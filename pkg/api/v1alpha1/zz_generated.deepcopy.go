@@ -189,12 +189,10 @@ func (in *PloopVolumeList) DeepCopyObject() runtime.Object {
 func (in *PloopVolumeSpec) DeepCopyInto(out *PloopVolumeSpec) {
 	*out = *in
 	out.Size = in.Size.DeepCopy()
-	if in.Parameters != nil {
-		in, out := &in.Parameters, &out.Parameters
-		*out = make(map[string]string, len(*in))
-		for key, val := range *in {
-			(*out)[key] = val
-		}
+	if in.Limit != nil {
+		in, out := &in.Limit, &out.Limit
+		x := (*in).DeepCopy()
+		*out = &x
 	}
 	if in.Source != nil {
 		in, out := &in.Source, &out.Source
