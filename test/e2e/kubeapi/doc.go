@@ -8,8 +8,11 @@
 // throw-away module that requires k8s.io/kubernetes and replaces each of its
 // ./staging modules with the published k8s.io/* release of the same version;
 // the binary is cached under $PLOOP_CSI_CACHE/kube/<version>/ (default
-// ~/.cache/ploop-csi), but a cold cache only costs time: about 5-10 minutes
-// on two cores, after which a start takes a few seconds. Start launches etcd
+// ~/.cache/ploop-csi), but a cold cache only costs time: 4-5 minutes on two
+// cores shared with VM tests, after which a start takes a few seconds. No
+// kube-controller-manager runs, so nothing creates default service accounts,
+// fills the aggregated ClusterRoles (view, edit, admin) or collects garbage.
+// Start launches etcd
 // and kube-apiserver with their state and a fresh CA in a temporary
 // directory, both listening on 127.0.0.1 only, and returns once /readyz
 // answers; the caller talks to it as a system:masters client-certificate

@@ -282,6 +282,8 @@ func (s *Server) startEtcd(ctx context.Context, bin string) (string, error) {
 		}
 		if attempt < 3 && s.etcd.bindConflict() {
 			s.etcd.kill()
+			// The member's URLs are recorded in its data dir.
+			os.RemoveAll(filepath.Join(s.dir, "etcd"))
 			continue
 		}
 		return "", err
