@@ -12,6 +12,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/ploop-csi/ploop-csi/pkg/flock"
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"golang.org/x/sys/unix"
 )
@@ -216,7 +217,7 @@ func openStateDir(dir string) (*stateDir, error) {
 	if err != nil {
 		return nil, fmt.Errorf("state directory lock: %w", err)
 	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if err := flock.Exclusive(f); err != nil {
 		f.Close()
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return nil, fmt.Errorf("state directory %s is locked by another node plugin process", dir)

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/ploop-csi/ploop-csi/pkg/flock"
 	"github.com/ploop-csi/ploop-csi/pkg/keylock"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
@@ -157,7 +158,7 @@ func Open(dir string, opts Options) (*Catalog, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open storage root %s: %w", dir, err)
 	}
-	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+	if err := flock.Exclusive(lock); err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("open storage root %s: its catalogue is open in another process: %w: %w", dir, ErrUnavailable, err)
 	}

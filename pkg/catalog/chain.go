@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ploop-csi/ploop-csi/pkg/flock"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 )
 
@@ -339,11 +340,4 @@ func openDirNoFollow(dir string) (*os.File, error) {
 }
 
 // flockNB takes the exclusive lock pkg/ploop uses on stack directories.
-func flockNB(f *os.File) error {
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
+func flockNB(f *os.File) error { return flock.Exclusive(f) }

@@ -12,6 +12,8 @@ import (
 	"strings"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ploop-csi/ploop-csi/pkg/flock"
 )
 
 // ProblemKind names one kind of inconsistency Check finds.
@@ -366,7 +368,9 @@ func openForWriting(path string) bool {
 		return false
 	}
 	defer f.Close()
-	return errors.Is(unix.Flock(int(f.Fd()), unix.LOCK_SH|unix.LOCK_NB), unix.EWOULDBLOCK)
+	// A shorter wait than flock.Wait: a report on an image in use should
+	// not take seconds, and a fork's copy lasts milliseconds.
+	return errors.Is(flock.Within(f, unix.LOCK_SH, flock.Wait/8, nil), unix.EWOULDBLOCK)
 }
 
 func newReport(path string, h *Header, fileSize int64, a *analysis) *Report {

@@ -9,6 +9,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ploop-csi/ploop-csi/pkg/flock"
 )
 
 // storage is the I/O layer under a delta or a raw image: positioned reads
@@ -321,15 +323,6 @@ func fileSize(f *os.File) (int64, error) {
 	return st.Size, nil
 }
 
-func lockExclusive(f *os.File) error {
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return &os.PathError{Op: "flock", Path: f.Name(), Err: err}
-		}
-		return nil
-	}
-}
+// lockExclusive is flock.Exclusive: it waits out a forked child's copy of
+// a lock this process has just let go.
+func lockExclusive(f *os.File) error { return flock.Exclusive(f) }

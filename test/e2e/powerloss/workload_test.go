@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -255,17 +258,48 @@ func (wl *workload) flusher(ctx context.Context) error {
 	}
 }
 
+// stallDump is how long waitFlushes sees no flush complete before it
+// logs where every goroutine and thread of the process waits (once): a
+// request the server never answers stalls the kernel for its whole
+// timeout, and the dump says which stage holds it.
+const stallDump = time.Minute
+
 // waitFlushes returns once n more flushes completed.
 func (wl *workload) waitFlushes(ctx context.Context, n int64) error {
 	target := wl.flushes.Load() + n
+	stall := time.NewTimer(stallDump)
+	defer stall.Stop()
+	last, dumped := wl.flushes.Load(), false
 	for wl.flushes.Load() < target {
 		select {
 		case <-wl.flushKick:
+		case <-stall.C:
+			if now := wl.flushes.Load(); now == last && !dumped {
+				dumped = true
+				wl.r.t.Logf("no flush completed for %v (%s); where the process waits:\n%s", stallDump, wl.summary(), stacks())
+			} else {
+				last = now
+			}
+			stall.Reset(stallDump)
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for %d flushes (done %d): %w", n, wl.flushes.Load(), context.Cause(ctx))
 		}
 	}
 	return nil
+}
+
+// stacks is every goroutine's stack and every thread's kernel stack.
+func stacks() string {
+	buf := make([]byte, 16<<20)
+	var b strings.Builder
+	b.Write(buf[:runtime.Stack(buf, true)])
+	tasks, _ := filepath.Glob("/proc/self/task/*/stack")
+	for _, p := range tasks {
+		if k, err := os.ReadFile(p); err == nil && len(k) > 0 {
+			fmt.Fprintf(&b, "\nkernel stack of %s:\n%s", filepath.Base(filepath.Dir(p)), k)
+		}
+	}
+	return b.String()
 }
 
 // running is a running workload: writers and the flusher.
