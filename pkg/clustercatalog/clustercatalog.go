@@ -24,9 +24,11 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -539,4 +541,30 @@ func (c *Catalog) ListSnapshots(ctx context.Context, f catalog.SnapshotFilter, t
 		out = append(out, toSnapshot(s))
 	}
 	return out, "", nil
+}
+
+// CapacityOn is what node's storage root can still promise to volumes of
+// type typ, as the node last published it on its Node object (package
+// nodeagent). A node that has published nothing (not running, or not ours)
+// promises nothing.
+func (c *Catalog) CapacityOn(ctx context.Context, node string, typ catalog.Type) (catalog.Capacity, error) {
+	if typ == "" {
+		typ = catalog.Ploop
+	}
+	var n corev1.Node
+	if err := c.c.Get(ctx, client.ObjectKey{Name: node}, &n); err != nil {
+		if apierrors.IsNotFound(err) {
+			return catalog.Capacity{}, nil
+		}
+		return catalog.Capacity{}, apiError("read node "+node, err)
+	}
+	v, ok := n.Annotations[v1alpha1.CapacityAnnotation+string(typ)]
+	if !ok {
+		return catalog.Capacity{}, nil
+	}
+	avail, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || avail < 0 {
+		return catalog.Capacity{}, fmt.Errorf("node %s publishes capacity %q for %s: want a byte count: %w", node, v, typ, catalog.ErrUnavailable)
+	}
+	return catalog.Capacity{AvailableBytes: avail}, nil
 }

@@ -7,8 +7,10 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
@@ -77,7 +79,12 @@ func newCluster(t *testing.T, names ...string) *cluster {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := nodeagent.Setup(mgr, nodeagent.Options{NodeName: name, Catalog: cat, Recorder: mgr.GetEventRecorderFor("ploop-csi-node")}); err != nil {
+		if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}); err != nil {
+			t.Fatal(err)
+		}
+		// Only operations publish the capacity again within a test.
+		if err := nodeagent.Setup(mgr, nodeagent.Options{NodeName: name, Catalog: cat, CapacityInterval: time.Hour,
+			Recorder: mgr.GetEventRecorderFor("ploop-csi-node")}); err != nil {
 			t.Fatal(err)
 		}
 		mctx, stop := context.WithCancel(context.Background())
@@ -272,6 +279,47 @@ func TestControllerThroughNodes(t *testing.T) {
 		if err := cl.c.Delete(ctx, item); err != nil {
 			t.Fatal(err)
 		}
+	})
+
+	t.Run("Capacity", func(t *testing.T) {
+		// Published at start: what the root promises, as node-a's own
+		// catalogue computes it (give or take what others wrote since).
+		var got catalog.Capacity
+		waitFor(t, ctx, "node-a's capacity", func() bool {
+			got, err = cl.cc.CapacityOn(ctx, "node-a", catalog.Ploop)
+			return err == nil && got.AvailableBytes > 0
+		})
+		if local, err := a.cat.Capacity(ctx, catalog.Ploop); err != nil || local.AvailableBytes == 0 {
+			t.Fatalf("node-a's own capacity: %+v, %v", local, err)
+		}
+		// An operation publishes it again at once (the interval is an hour).
+		patch := []byte(`{"metadata":{"annotations":{"capacity.ploop.io/ploop":null}}}`)
+		if err := cl.c.Patch(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}, client.RawPatch(types.MergePatchType, patch)); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := cl.cc.CapacityOn(ctx, "node-a", catalog.Ploop); err != nil || c.AvailableBytes != 0 {
+			t.Fatalf("capacity without the annotation: %+v, %v", c, err)
+		}
+		v, err := cl.cc.CreateVolumeOn(ctx, "node-a", catalog.VolumeRequest{Name: "pvc-capacity", RequiredBytes: 4 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, ctx, "node-a's capacity after a create", func() bool {
+			got, err = cl.cc.CapacityOn(ctx, "node-a", catalog.Ploop)
+			return err == nil && got.AvailableBytes > 0
+		})
+		if err := cl.cc.DeleteVolume(ctx, v.ID); err != nil {
+			t.Fatal(err)
+		}
+		if c, err := cl.cc.CapacityOn(ctx, "no-such-node", catalog.Ploop); err != nil || c.AvailableBytes != 0 {
+			t.Errorf("capacity of an unknown node: %+v, %v", c, err)
+		}
+		bad := []byte(`{"metadata":{"annotations":{"capacity.ploop.io/simfs":"lots"}}}`)
+		if err := cl.c.Patch(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b"}}, client.RawPatch(types.MergePatchType, bad)); err != nil {
+			t.Fatal(err)
+		}
+		_, err = cl.cc.CapacityOn(ctx, "node-b", catalog.Simfs)
+		wantClass(t, err, catalog.ErrUnavailable, "a malformed annotation")
 	})
 
 	t.Run("BadIDs", func(t *testing.T) {

@@ -7,6 +7,7 @@ import (
 	"math"
 	"time"
 
+	"github.com/go-logr/logr"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -31,6 +32,7 @@ type Catalog interface {
 	VolumeUsage(ctx context.Context, id string) (catalog.Usage, error)
 	CreateSnapshotWithID(ctx context.Context, id, name, sourceVolume string) (catalog.Snapshot, error)
 	DeleteSnapshot(ctx context.Context, id string) error
+	Capacity(ctx context.Context, typ catalog.Type) (catalog.Capacity, error)
 }
 
 var _ Catalog = (*catalog.Catalog)(nil)
@@ -46,6 +48,10 @@ type Options struct {
 	Recorder record.EventRecorder
 	// OperationTimeout bounds one catalogue operation; default 5 minutes.
 	OperationTimeout time.Duration
+	// CapacityInterval is how often the Node's capacity annotations are
+	// refreshed besides after each operation; default
+	// DefaultCapacityInterval.
+	CapacityInterval time.Duration
 }
 
 // CacheOptions make a manager's cache hold only the custom resources of
@@ -67,7 +73,14 @@ func Setup(mgr ctrl.Manager, o Options) error {
 	if o.OperationTimeout <= 0 {
 		o.OperationTimeout = 5 * time.Minute
 	}
-	a := &agent{c: mgr.GetClient(), o: o}
+	if o.CapacityInterval <= 0 {
+		o.CapacityInterval = DefaultCapacityInterval
+	}
+	a := &agent{c: mgr.GetClient(), o: o, capacity: &capacityPublisher{
+		c: mgr.GetClient(), node: o.NodeName, cat: o.Catalog, interval: o.CapacityInterval, kick: make(chan struct{}, 1)}}
+	if err := mgr.Add(a.capacity); err != nil {
+		return fmt.Errorf("nodeagent: %w", err)
+	}
 	if err := ctrl.NewControllerManagedBy(mgr).Named("ploopvolume").For(&v1alpha1.PloopVolume{}).
 		Complete(reconcile.Func(a.reconcileVolume)); err != nil {
 		return fmt.Errorf("nodeagent: %w", err)
@@ -80,8 +93,9 @@ func Setup(mgr ctrl.Manager, o Options) error {
 }
 
 type agent struct {
-	c client.Client
-	o Options
+	c        client.Client
+	o        Options
+	capacity *capacityPublisher
 }
 
 // settled reports whether a status already answers the spec's generation
@@ -162,6 +176,7 @@ func (a *agent) reconcileVolume(ctx context.Context, req reconcile.Request) (rec
 			return reconcile.Result{}, err // always retried: nothing may be stranded
 		}
 		log.V(2).Info("volume deleted", "took", time.Since(t0))
+		a.capacity.changed()
 		return reconcile.Result{}, a.removeFinalizer(ctx, &vol)
 	}
 	if err := a.ensureFinalizer(ctx, &vol); err != nil {
@@ -188,6 +203,7 @@ func (a *agent) reconcileVolume(ctx context.Context, req reconcile.Request) (rec
 			st.Allocated = resource.NewQuantity(u.AllocatedBytes, resource.BinarySI)
 		}
 	}
+	a.capacity.changed()
 	vol.Status = st
 	if uerr := a.c.Status().Update(ctx, &vol); uerr != nil {
 		return reconcile.Result{}, fmt.Errorf("report volume %s: %w", vol.Name, uerr)
@@ -293,6 +309,7 @@ func (a *agent) reconcileSnapshot(ctx context.Context, req reconcile.Request) (r
 		st.Phase, st.SnapshotID, st.ReadyToUse, st.CreationTime = v1alpha1.Ready, s.ID, true, &created
 		st.Size = resource.NewQuantity(s.Size, resource.BinarySI)
 	}
+	a.capacity.changed()
 	snap.Status = st
 	if uerr := a.c.Status().Update(ctx, &snap); uerr != nil {
 		return reconcile.Result{}, fmt.Errorf("report snapshot %s: %w", snap.Name, uerr)
@@ -307,3 +324,5 @@ func bytesOf(what string, q resource.Quantity) (int64, error) {
 	}
 	return q.Value(), nil
 }
+
+func logFrom(ctx context.Context) logr.Logger { return ctrl.LoggerFrom(ctx) }

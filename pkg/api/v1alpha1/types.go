@@ -30,6 +30,12 @@ const Finalizer = "ploop.io/storage"
 // watches only its own resources.
 const NodeLabel = "ploop.io/node"
 
+// CapacityAnnotation prefixes the Node annotations in which each node
+// plugin publishes what its storage root can still promise, in bytes, per
+// volume type (capacity.ploop.io/ploop, capacity.ploop.io/simfs): the
+// controller answers GetCapacity for a node's topology segment from them.
+const CapacityAnnotation = "capacity.ploop.io/"
+
 // OperationError is the last failure of a node's operation, as the CSI
 // call that waits for it will report it.
 type OperationError struct {
