@@ -319,7 +319,7 @@ func (a *agent) reconcileSnapshot(ctx context.Context, req reconcile.Request) (r
 
 // bytesOf is a quantity as a byte count: whole, not negative, within int64.
 func bytesOf(what string, q resource.Quantity) (int64, error) {
-	if q.Sign() < 0 || q.Cmp(*resource.NewQuantity(math.MaxInt64, resource.BinarySI)) > 0 {
+	if q.Sign() < 0 || q.AsApproximateFloat64() >= math.MaxInt64 {
 		return 0, fmt.Errorf("%s %s: want a byte count from 0 to %d: %w", what, q.String(), int64(math.MaxInt64), catalog.ErrInvalid)
 	}
 	return q.Value(), nil
