@@ -6,9 +6,12 @@
 //
 // --mode all (the default) runs the identity, controller and node services
 // in one process over a local storage root: a single node, the demo and the
-// tests. --mode controller and --mode node, the halves of a cluster
-// deployment, need the Kubernetes coordination of issue 12 and are refused
-// with that message.
+// tests. --mode controller and --mode node are the halves of a cluster
+// deployment (cluster.go): both run on a controller-runtime manager (the
+// CSI server is one of its runnables; optional /metrics, /healthz and
+// /readyz); the controller creates volumes on the nodes through
+// PloopVolume and PloopSnapshot resources, which the node plugins' agents
+// carry out on their own storage roots.
 //
 // Start-up order: the storage root's simfs root (one for the process,
 // shared by the attachments and the catalogue); the node's attachments,
@@ -72,6 +75,13 @@ type options struct {
 	directIO        bool
 	shutdownTimeout time.Duration
 	version         bool
+
+	// --mode controller and node: the API server and the manager.
+	kubeconfig              string
+	metricsAddress          string
+	healthAddress           string
+	leaderElect             bool
+	leaderElectionNamespace string
 }
 
 func flags(o *options, stderr io.Writer) *flag.FlagSet {
@@ -80,8 +90,14 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.endpoint, "endpoint", "unix:///csi/csi.sock",
 		"CSI endpoint: a unix socket (made 0600); no network port is ever opened")
 	fs.StringVar(&o.nodeID, "nodeid", "", "this node's name, as the CO knows it (required): the topology segment "+driver.TopologyKey+" of its volumes")
-	fs.StringVar(&o.mode, "mode", string(driver.ModeAll), "services to run: all (identity, controller and node in one process), "+
-		"controller or node (need the Kubernetes coordination of issue 12; refused for now)")
+	fs.StringVar(&o.mode, "mode", string(driver.ModeAll), "services to run: all (identity, controller and node in one process over a local storage root, "+
+		"no Kubernetes), controller (a cluster's controller: volumes are created on the nodes through PloopVolume/PloopSnapshot resources) "+
+		"or node (a cluster's node plugin: node services, and the node agent that carries out those resources on this node's storage root)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "controller and node modes: the API server's kubeconfig; empty uses the pod's service account")
+	fs.StringVar(&o.metricsAddress, "metrics-address", "0", "controller and node modes: where Prometheus /metrics is served (e.g. :8080); 0, the default, opens no port")
+	fs.StringVar(&o.healthAddress, "health-address", "0", "controller and node modes: where /healthz and /readyz are served (e.g. :9808); 0, the default, opens no port")
+	fs.BoolVar(&o.leaderElect, "leader-elect", true, "controller mode: elect one active controller among replicas (a Lease)")
+	fs.StringVar(&o.leaderElectionNamespace, "leader-election-namespace", "", "controller mode: the Lease's namespace; empty takes the pod's")
 	fs.StringVar(&o.storageRoot, "storage-root", "/var/lib/ploop-csi", "storage root: an existing directory (not a symlink) that holds every volume and snapshot")
 	fs.StringVar(&o.driverName, "drivername", driver.DefaultName, "the driver's name (the CSIDriver object's)")
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "", "when set (e.g. /var/lib/kubelet), staging and target paths must lie below it; "+
@@ -161,15 +177,16 @@ func run(ctx context.Context, stop func(), args []string, stdout, stderr io.Writ
 		fmt.Fprintf(stderr, "ploop-csi: %v\n", err)
 		return exitUsage
 	}
-	if m := driver.Mode(o.mode); m != driver.ModeAll {
-		if m == driver.ModeController || m == driver.ModeNode {
-			fmt.Fprintf(stderr, "ploop-csi: --mode %s: %v\n", m, driver.ErrModeNeedsCoordination)
-		} else {
-			fmt.Fprintf(stderr, "ploop-csi: --mode %q: want all, controller or node\n", o.mode)
-		}
+	serveMode := serve
+	switch driver.Mode(o.mode) {
+	case driver.ModeAll:
+	case driver.ModeController, driver.ModeNode:
+		serveMode = serveCluster
+	default:
+		fmt.Fprintf(stderr, "ploop-csi: --mode %q: want all, controller or node\n", o.mode)
 		return exitUsage
 	}
-	if err := serve(ctx, stop, o, ver, sock, newNode); err != nil {
+	if err := serveMode(ctx, stop, o, ver, sock, newNode); err != nil {
 		fmt.Fprintf(stderr, "ploop-csi: %v\n", err)
 		return exitFail
 	}

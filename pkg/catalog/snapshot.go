@@ -20,6 +20,9 @@ type Snapshot struct {
 	// volume restored from it can have.
 	Size    int64
 	Created time.Time
+	// Node is the node whose storage root holds the snapshot, as a
+	// catalogue that spans nodes reports it; empty from a node's own.
+	Node string
 }
 
 func toSnapshot(r *snapshotRecord) Snapshot {

@@ -49,22 +49,30 @@ const DefaultPoll = 100 * time.Millisecond
 // Catalog reaches every node's catalogue through the API server.
 type Catalog struct {
 	c    client.Client
+	r    client.Reader
 	poll time.Duration
 }
 
 // Options configure a Catalog.
 type Options struct {
 	// Poll is how often a wait reads the resource; default DefaultPoll.
-	// With a manager's cached client the reads are local.
 	Poll time.Duration
+	// Reader, when set, serves every read instead of the client: a
+	// manager's cached client would not yet see what this catalogue has
+	// just written, so a controller passes the manager's API reader.
+	Reader client.Reader
 }
 
-// New returns a Catalog over c.
+// New returns a Catalog that writes through c.
 func New(c client.Client, o Options) *Catalog {
 	if o.Poll <= 0 {
 		o.Poll = DefaultPoll
 	}
-	return &Catalog{c: c, poll: o.Poll}
+	r := o.Reader
+	if r == nil {
+		r = c
+	}
+	return &Catalog{c: c, r: r, poll: o.Poll}
 }
 
 func nameHash(name string) string {
@@ -167,7 +175,7 @@ func specDiff(have, want v1alpha1.PloopVolumeSpec) string {
 
 func (c *Catalog) volumeByName(ctx context.Context, name string) (*v1alpha1.PloopVolume, error) {
 	var list v1alpha1.PloopVolumeList
-	if err := c.c.List(ctx, &list, client.MatchingLabels{NameLabel: nameHash(name)}); err != nil {
+	if err := c.r.List(ctx, &list, client.MatchingLabels{NameLabel: nameHash(name)}); err != nil {
 		return nil, apiError(fmt.Sprintf("find volume %q", name), err)
 	}
 	for i := range list.Items {
@@ -191,7 +199,7 @@ func (c *Catalog) volumeByName(ctx context.Context, name string) (*v1alpha1.Ploo
 func (c *Catalog) waitVolume(ctx context.Context, id string, gen int64, dropFailed bool) (catalog.Volume, error) {
 	var vol v1alpha1.PloopVolume
 	for {
-		if err := c.c.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
+		if err := c.r.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
 			if apierrors.IsNotFound(err) {
 				return catalog.Volume{}, fmt.Errorf("volume %s: %w", id, catalog.ErrNotFound)
 			}
@@ -256,7 +264,7 @@ func (c *Catalog) getVolume(ctx context.Context, id string) (*v1alpha1.PloopVolu
 		return nil, err
 	}
 	var vol v1alpha1.PloopVolume
-	if err := c.c.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
+	if err := c.r.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
 		if apierrors.IsNotFound(err) {
 			return nil, fmt.Errorf("volume %s: %w", id, catalog.ErrNotFound)
 		}
@@ -299,7 +307,7 @@ func (c *Catalog) DeleteVolume(ctx context.Context, id string) error {
 // node's last reported failure (such as InUse) says why.
 func (c *Catalog) waitGone(ctx context.Context, obj client.Object) error {
 	for {
-		err := c.c.Get(ctx, client.ObjectKeyFromObject(obj), obj)
+		err := c.r.Get(ctx, client.ObjectKeyFromObject(obj), obj)
 		if apierrors.IsNotFound(err) {
 			return nil
 		}
@@ -367,7 +375,7 @@ func (c *Catalog) ExpandVolume(ctx context.Context, id string, required, limit i
 		return 0, false, fmt.Errorf("expand volume %s: %w", id, err)
 	}
 	var vol v1alpha1.PloopVolume
-	if err := c.c.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
+	if err := c.r.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
 		return 0, false, apiError("read volume "+id, err)
 	}
 	return v.Size, vol.Status.NodeExpansionRequired, nil
@@ -377,7 +385,7 @@ func (c *Catalog) ExpandVolume(ctx context.Context, id string, required, limit i
 // after the volume the token names.
 func (c *Catalog) ListVolumes(ctx context.Context, token string, max int) ([]catalog.Volume, string, error) {
 	var list v1alpha1.PloopVolumeList
-	if err := c.c.List(ctx, &list); err != nil {
+	if err := c.r.List(ctx, &list); err != nil {
 		return nil, "", apiError("list volumes", err)
 	}
 	slices.SortFunc(list.Items, func(a, b v1alpha1.PloopVolume) int { return strings.Compare(a.Name, b.Name) })
@@ -419,7 +427,7 @@ func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string)
 		return catalog.Snapshot{}, fmt.Errorf("snapshot %s exists for volume %s: %w", snap.Name, snap.Spec.SourceVolume, catalog.ErrExists)
 	}
 	for {
-		if err := c.c.Get(ctx, client.ObjectKeyFromObject(snap), snap); err != nil {
+		if err := c.r.Get(ctx, client.ObjectKeyFromObject(snap), snap); err != nil {
 			if apierrors.IsNotFound(err) {
 				return catalog.Snapshot{}, fmt.Errorf("snapshot %s: %w", snap.Name, catalog.ErrNotFound)
 			}
@@ -447,7 +455,7 @@ func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string)
 
 func (c *Catalog) snapshotByName(ctx context.Context, name string) (*v1alpha1.PloopSnapshot, error) {
 	var list v1alpha1.PloopSnapshotList
-	if err := c.c.List(ctx, &list, client.MatchingLabels{NameLabel: nameHash(name)}); err != nil {
+	if err := c.r.List(ctx, &list, client.MatchingLabels{NameLabel: nameHash(name)}); err != nil {
 		return nil, apiError(fmt.Sprintf("find snapshot %q", name), err)
 	}
 	for i := range list.Items {
@@ -463,7 +471,7 @@ func (c *Catalog) snapshotByName(ctx context.Context, name string) (*v1alpha1.Pl
 }
 
 func toSnapshot(s *v1alpha1.PloopSnapshot) catalog.Snapshot {
-	out := catalog.Snapshot{ID: s.Name, Name: s.Spec.Name, SourceVolume: s.Spec.SourceVolume, Created: s.CreationTimestamp.UTC()}
+	out := catalog.Snapshot{ID: s.Name, Name: s.Spec.Name, SourceVolume: s.Spec.SourceVolume, Created: s.CreationTimestamp.UTC(), Node: s.Spec.NodeName}
 	if s.Status.Size != nil {
 		out.Size = s.Status.Size.Value()
 	}
@@ -481,7 +489,7 @@ func (c *Catalog) getSnapshot(ctx context.Context, id string) (*v1alpha1.PloopSn
 		return nil, err
 	}
 	var snap v1alpha1.PloopSnapshot
-	if err := c.c.Get(ctx, client.ObjectKey{Name: id}, &snap); err != nil {
+	if err := c.r.Get(ctx, client.ObjectKey{Name: id}, &snap); err != nil {
 		if apierrors.IsNotFound(err) {
 			return nil, fmt.Errorf("snapshot %s: %w", id, catalog.ErrNotFound)
 		}
@@ -524,7 +532,7 @@ func (c *Catalog) DeleteSnapshot(ctx context.Context, id string) error {
 // the filter, in id order after the snapshot the token names.
 func (c *Catalog) ListSnapshots(ctx context.Context, f catalog.SnapshotFilter, token string, max int) ([]catalog.Snapshot, string, error) {
 	var list v1alpha1.PloopSnapshotList
-	if err := c.c.List(ctx, &list); err != nil {
+	if err := c.r.List(ctx, &list); err != nil {
 		return nil, "", apiError("list snapshots", err)
 	}
 	slices.SortFunc(list.Items, func(a, b v1alpha1.PloopSnapshot) int { return strings.Compare(a.Name, b.Name) })
@@ -552,7 +560,7 @@ func (c *Catalog) CapacityOn(ctx context.Context, node string, typ catalog.Type)
 		typ = catalog.Ploop
 	}
 	var n corev1.Node
-	if err := c.c.Get(ctx, client.ObjectKey{Name: node}, &n); err != nil {
+	if err := c.r.Get(ctx, client.ObjectKey{Name: node}, &n); err != nil {
 		if apierrors.IsNotFound(err) {
 			return catalog.Capacity{}, nil
 		}
@@ -567,4 +575,67 @@ func (c *Catalog) CapacityOn(ctx context.Context, node string, typ catalog.Type)
 		return catalog.Capacity{}, fmt.Errorf("node %s publishes capacity %q for %s: want a byte count: %w", node, v, typ, catalog.ErrUnavailable)
 	}
 	return catalog.Capacity{AvailableBytes: avail}, nil
+}
+
+// Capacity is the sum of what every node published for typ: the
+// capacity of the cluster as a whole, for a GetCapacity that names no
+// node.
+func (c *Catalog) Capacity(ctx context.Context, typ catalog.Type) (catalog.Capacity, error) {
+	var nodes corev1.NodeList
+	if err := c.r.List(ctx, &nodes); err != nil {
+		return catalog.Capacity{}, apiError("list nodes", err)
+	}
+	var sum catalog.Capacity
+	for _, n := range nodes.Items {
+		nc, err := c.CapacityOn(ctx, n.Name, typ)
+		if err != nil {
+			continue // a malformed annotation promises nothing
+		}
+		sum.AvailableBytes += nc.AvailableBytes
+	}
+	return sum, nil
+}
+
+// Root names what the catalogue spans, for logs.
+func (c *Catalog) Root() string { return "the nodes' storage roots, through the API server" }
+
+// Health reports whether the API server, through which every node is
+// reached, answers.
+func (c *Catalog) Health(ctx context.Context) error {
+	var list v1alpha1.PloopVolumeList
+	if err := c.r.List(ctx, &list, client.Limit(1)); err != nil {
+		return apiError("reach the API server", err)
+	}
+	return nil
+}
+
+// Condition reports a volume's last known state from its node: a failed
+// operation is abnormal, with the node's message.
+func (c *Catalog) Condition(ctx context.Context, id string) (catalog.Condition, error) {
+	vol, err := c.getVolume(ctx, id)
+	if err != nil {
+		return catalog.Condition{}, err
+	}
+	switch st := vol.Status; {
+	case st.Phase == v1alpha1.Failed && st.Error != nil:
+		return catalog.Condition{Abnormal: true, Message: fmt.Sprintf("node %s: the last operation failed: %s", vol.Spec.NodeName, st.Error.Message)}, nil
+	case st.Phase == v1alpha1.Deleting && st.Error != nil:
+		return catalog.Condition{Abnormal: true, Message: fmt.Sprintf("node %s cannot delete the volume: %s", vol.Spec.NodeName, st.Error.Message)}, nil
+	}
+	return catalog.Condition{}, nil
+}
+
+// VolumePath fails: volumes are on the nodes, and only node services,
+// which a controller does not run, need their paths.
+func (c *Catalog) VolumePath(id string) (string, error) {
+	return "", fmt.Errorf("volume %s: paths are the nodes' own: %w", id, catalog.ErrUnavailable)
+}
+
+// Tidy does nothing: each node tidies its own root.
+func (c *Catalog) Tidy(ctx context.Context) error { return nil }
+
+// CreateVolume without a node cannot choose where the volume lives; the
+// controller calls CreateVolumeOn with the node its topology names.
+func (c *Catalog) CreateVolume(ctx context.Context, req catalog.VolumeRequest) (catalog.Volume, error) {
+	return catalog.Volume{}, fmt.Errorf("create volume %q: a volume of the cluster needs a node (CreateVolumeOn): %w", req.Name, catalog.ErrInvalid)
 }

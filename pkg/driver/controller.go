@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -38,10 +39,59 @@ func (s *controllerServer) ControllerGetCapabilities(ctx context.Context, req *c
 	return &csi.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
 }
 
-// segment is this node's topology segment: a node-local volume is reachable
-// from here only.
-func (d *Driver) segment() *csi.Topology {
-	return &csi.Topology{Segments: map[string]string{TopologyKey: d.cfg.NodeID}}
+// segment is the topology segment of node ("": this one): a node-local
+// volume is reachable from its node only.
+func (d *Driver) segment(node string) *csi.Topology {
+	if node == "" {
+		node = d.cfg.NodeID
+	}
+	return &csi.Topology{Segments: map[string]string{TopologyKey: node}}
+}
+
+// cluster is the catalogue spanning nodes in ModeController, nil otherwise.
+func (d *Driver) cluster() Cluster {
+	if d.cfg.Mode != ModeController {
+		return nil
+	}
+	return d.cfg.Catalog.(Cluster)
+}
+
+// place chooses the node for a new volume in ModeController: the node of
+// its content source (a clone shares its source's deltas), which the
+// requisite segments must then allow; otherwise the first preferred
+// segment (the scheduler's choice under WaitForFirstConsumer), otherwise
+// the first requisite one.
+func (d *Driver) place(ctx context.Context, r *csi.TopologyRequirement, vr catalog.VolumeRequest) (string, error) {
+	node := ""
+	switch {
+	case vr.SourceSnapshot != "":
+		s, err := d.cfg.Catalog.GetSnapshot(ctx, vr.SourceSnapshot)
+		if err != nil {
+			return "", fmt.Errorf("source snapshot: %w", err)
+		}
+		node = s.Node
+	case vr.SourceVolume != "":
+		v, err := d.cfg.Catalog.GetVolume(ctx, vr.SourceVolume)
+		if err != nil {
+			return "", fmt.Errorf("source volume: %w", err)
+		}
+		node = v.Node
+	}
+	if node != "" {
+		if req := r.GetRequisite(); len(req) > 0 && !slices.ContainsFunc(req, func(t *csi.Topology) bool { return t.GetSegments()[TopologyKey] == node }) {
+			return "", fmt.Errorf("the content source is on node %s, which the accessibility requirements do not allow: %w", node, catalog.ErrNoSpace)
+		}
+		return node, nil
+	}
+	for _, ts := range [][]*csi.Topology{r.GetPreferred(), r.GetRequisite()} {
+		for _, t := range ts {
+			if n := t.GetSegments()[TopologyKey]; n != "" {
+				return n, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("accessibility_requirements name no node (%s): volumes live on one node's storage root; "+
+		"use a StorageClass with volumeBindingMode WaitForFirstConsumer: %w", TopologyKey, catalog.ErrInvalid)
 }
 
 // ours reports whether a topology segment is this node's.
@@ -76,7 +126,7 @@ func (d *Driver) csiVolume(v catalog.Volume) *csi.Volume {
 		CapacityBytes:      v.Size,
 		VolumeId:           v.ID,
 		VolumeContext:      volumeContext(v),
-		AccessibleTopology: []*csi.Topology{d.segment()},
+		AccessibleTopology: []*csi.Topology{d.segment(v.Node)},
 	}
 	switch {
 	case v.SourceSnapshot != "":
@@ -159,12 +209,22 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			return nil, fmt.Errorf("volume_content_source has neither a snapshot nor a volume: %w", catalog.ErrInvalid)
 		}
 	}
-	if err := d.placeable(req.GetAccessibilityRequirements()); err != nil {
-		return nil, err
-	}
-	v, err := d.cfg.Catalog.CreateVolume(ctx, vr)
-	if err != nil {
-		return nil, err
+	var v catalog.Volume
+	if c := d.cluster(); c != nil {
+		node, err := d.place(ctx, req.GetAccessibilityRequirements(), vr)
+		if err != nil {
+			return nil, err
+		}
+		if v, err = c.CreateVolumeOn(ctx, node, vr); err != nil {
+			return nil, err
+		}
+	} else {
+		if err := d.placeable(req.GetAccessibilityRequirements()); err != nil {
+			return nil, err
+		}
+		if v, err = d.cfg.Catalog.CreateVolume(ctx, vr); err != nil {
+			return nil, err
+		}
 	}
 	return &csi.CreateVolumeResponse{Volume: d.csiVolume(v)}, nil
 }
@@ -275,7 +335,8 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 	if err != nil {
 		return nil, err
 	}
-	if t := req.GetAccessibleTopology(); t != nil && !s.d.ours(t) {
+	cl := s.d.cluster()
+	if t := req.GetAccessibleTopology(); t != nil && cl == nil && !s.d.ours(t) {
 		return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil
 	}
 	if len(req.GetVolumeCapabilities()) > 0 {
@@ -283,7 +344,15 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 			return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil
 		}
 	}
-	c, err := s.d.cfg.Catalog.Capacity(ctx, p.typ)
+	var c catalog.Capacity
+	switch node := req.GetAccessibleTopology().GetSegments()[TopologyKey]; {
+	case cl != nil && node != "":
+		c, err = cl.CapacityOn(ctx, node, p.typ)
+	case cl != nil && req.GetAccessibleTopology() != nil:
+		return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil // a segment of no node of ours
+	default:
+		c, err = s.d.cfg.Catalog.Capacity(ctx, p.typ)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -70,7 +70,12 @@
 // # Modes
 //
 // ModeAll runs every service in one process over a local storage root; the
-// catalogue's online operations are the Node's (OnlineOf). ModeController
-// and ModeNode need the coordination through Kubernetes custom resources
-// that a later issue adds, and New refuses them.
+// catalogue's online operations are the Node's (OnlineOf). In a cluster,
+// ModeNode runs the node services over the node's own catalogue and
+// attachments, and ModeController runs the controller service over a
+// Cluster (package clustercatalog), which reaches each node's catalogue
+// through custom resources: CreateVolume places a volume on the node its
+// content source is on, or else on the first preferred (then requisite)
+// topology segment; GetCapacity answers for the node a segment names;
+// volumes report their own node's segment.
 package driver

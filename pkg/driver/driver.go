@@ -38,16 +38,15 @@ const (
 	// ModeAll runs identity, controller and node in one process over a
 	// local storage root: a single node, the demo, the tests.
 	ModeAll Mode = "all"
-	// ModeController and ModeNode are the halves of a cluster deployment;
-	// they need the coordination through Kubernetes custom resources that
-	// issue 12 adds (DESIGN.md §3), so New refuses them for now.
+	// ModeController runs identity and controller over a Cluster: the
+	// volumes live on the nodes' roots and are reached through custom
+	// resources (DESIGN.md §3).
 	ModeController Mode = "controller"
-	ModeNode       Mode = "node"
+	// ModeNode runs identity and node over the node's own catalogue and
+	// attachments; the controller reaches its catalogue through the node
+	// agent (package nodeagent), not through this driver.
+	ModeNode Mode = "node"
 )
-
-// ErrModeNeedsCoordination is New's error for ModeController and ModeNode.
-var ErrModeNeedsCoordination = errors.New("separate controller and node processes need the Kubernetes coordination " +
-	"(PloopVolume/PloopSnapshot custom resources) of issue 12; run --mode all")
 
 // Catalog is what the driver uses of the storage root's catalogue; a
 // *catalog.Catalog is one. In a cluster (issue 12) the controller reaches
@@ -73,6 +72,15 @@ type Catalog interface {
 
 var _ Catalog = (*catalog.Catalog)(nil)
 
+// Cluster is the Catalog of ModeController: volumes live on many nodes'
+// roots, so creation and capacity name the node (its topology segment).
+// Volumes and snapshots it returns carry their Node.
+type Cluster interface {
+	Catalog
+	CreateVolumeOn(ctx context.Context, node string, req catalog.VolumeRequest) (catalog.Volume, error)
+	CapacityOn(ctx context.Context, node string, typ catalog.Type) (catalog.Capacity, error)
+}
+
 // Config configures a Driver.
 type Config struct {
 	// Name is the driver's name; default DefaultName.
@@ -81,11 +89,12 @@ type Config struct {
 	Version string
 	// NodeID names this node: its topology segment and NodeGetInfo.
 	NodeID string
-	// Mode must be ModeAll (the default) for now.
+	// Mode is ModeAll (the default), ModeController or ModeNode.
 	Mode Mode
-	// Catalog is the storage root's catalogue. Required.
+	// Catalog is the storage root's catalogue; in ModeController, a
+	// Cluster. Required.
 	Catalog Catalog
-	// Node is this node's attachments. Required in ModeAll. Its online
+	// Node is this node's attachments. Required in ModeAll and ModeNode. Its online
 	// operations must also be the catalogue's (catalog.Options.Online =
 	// OnlineOf(Node)).
 	Node Node
@@ -127,9 +136,11 @@ func New(cfg Config) (*Driver, error) {
 	switch cfg.Mode {
 	case "":
 		cfg.Mode = ModeAll
-	case ModeAll:
-	case ModeController, ModeNode:
-		return nil, fmt.Errorf("mode %s: %w", cfg.Mode, ErrModeNeedsCoordination)
+	case ModeAll, ModeNode:
+	case ModeController:
+		if _, ok := cfg.Catalog.(Cluster); !ok {
+			return nil, fmt.Errorf("mode %s needs a catalogue that spans the nodes (driver.Cluster), not %T", cfg.Mode, cfg.Catalog)
+		}
 	default:
 		return nil, fmt.Errorf("mode %q: want %s, %s or %s", cfg.Mode, ModeAll, ModeController, ModeNode)
 	}
@@ -142,8 +153,8 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.Catalog == nil {
 		return nil, errors.New("the driver needs the storage root's catalogue")
 	}
-	if cfg.Node == nil {
-		return nil, errors.New("the driver needs the node's attachments in mode all")
+	if cfg.Node == nil && cfg.Mode != ModeController {
+		return nil, fmt.Errorf("the driver needs the node's attachments in mode %s", cfg.Mode)
 	}
 	for _, p := range cfg.PathPrefixes {
 		if err := pathShape("path prefix", p); err != nil {
@@ -177,8 +188,12 @@ func printable(s string) bool {
 func (d *Driver) Server() *grpc.Server {
 	srv := grpc.NewServer(grpc.UnaryInterceptor(d.intercept))
 	csi.RegisterIdentityServer(srv, &identityServer{d: d})
-	csi.RegisterControllerServer(srv, &controllerServer{d: d})
-	csi.RegisterNodeServer(srv, &nodeServer{d: d})
+	if d.cfg.Mode != ModeNode {
+		csi.RegisterControllerServer(srv, &controllerServer{d: d})
+	}
+	if d.cfg.Mode != ModeController {
+		csi.RegisterNodeServer(srv, &nodeServer{d: d})
+	}
 	return srv
 }
 
@@ -235,6 +250,9 @@ func (d *Driver) tidyLoop(ctx context.Context) {
 		if err := d.cfg.Catalog.Tidy(ctx); err != nil && ctx.Err() == nil {
 			d.log.Error(err, "tidying the storage root's chains failed; retrying at the next interval", "interval", d.cfg.TidyInterval)
 		}
+	}
+	if d.cfg.Mode == ModeController {
+		return // each node tidies its own root
 	}
 	tidy()
 	if d.cfg.TidyInterval < 0 {

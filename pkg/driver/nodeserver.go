@@ -36,7 +36,7 @@ func (s *nodeServer) NodeGetInfo(ctx context.Context, req *csi.NodeGetInfoReques
 	return &csi.NodeGetInfoResponse{
 		NodeId:             s.d.cfg.NodeID,
 		MaxVolumesPerNode:  int64(s.d.cfg.Node.MaxVolumes()),
-		AccessibleTopology: s.d.segment(),
+		AccessibleTopology: s.d.segment(""),
 	}, nil
 }
 

@@ -1,0 +1,247 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"sync/atomic"
+	"time"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	"k8s.io/klog/v2"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"github.com/ploop-csi/ploop-csi/pkg/api/v1alpha1"
+	"github.com/ploop-csi/ploop-csi/pkg/catalog"
+	"github.com/ploop-csi/ploop-csi/pkg/clustercatalog"
+	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/pkg/nodeagent"
+	"github.com/ploop-csi/ploop-csi/pkg/simfs"
+)
+
+// leaderElectionID names the Lease the controller replicas compete for.
+const leaderElectionID = "controller.csi.ploop.io"
+
+// restConfig is the API server's address and credentials: --kubeconfig,
+// else the pod's service account.
+func restConfig(o options) (*rest.Config, error) {
+	if o.kubeconfig != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", o.kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("--kubeconfig %s: %w", o.kubeconfig, err)
+		}
+		return cfg, nil
+	}
+	cfg, err := rest.InClusterConfig()
+	if err != nil {
+		return nil, fmt.Errorf("--mode %s talks to the API server: run in a pod or pass --kubeconfig: %w", o.mode, err)
+	}
+	return cfg, nil
+}
+
+func scheme() (*runtime.Scheme, error) {
+	s := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, v1alpha1.AddToScheme} {
+		if err := add(s); err != nil {
+			return nil, err
+		}
+	}
+	return s, nil
+}
+
+// csiServer runs the driver's gRPC server as one of the manager's
+// runnables, on every replica: the CSI sidecars beside each replica talk
+// to it, and they elect their own leader.
+type csiServer struct {
+	d       *driver.Driver
+	lis     net.Listener
+	serving atomic.Bool
+}
+
+func (s *csiServer) Start(ctx context.Context) error {
+	s.serving.Store(true)
+	defer s.serving.Store(false)
+	return s.d.Serve(ctx, s.lis)
+}
+
+func (s *csiServer) NeedLeaderElection() bool { return false }
+
+// ready is the readiness check: the CSI socket is served. A node plugin
+// builds its attachments, whose restart recovery re-serves the volumes
+// attached before, before the manager starts anything.
+func (s *csiServer) ready(*http.Request) error {
+	if !s.serving.Load() {
+		return errors.New("the CSI server is not serving yet")
+	}
+	return nil
+}
+
+// serveCluster runs --mode controller or --mode node on a controller-runtime
+// manager until ctx is done.
+func serveCluster(ctx context.Context, stop func(), o options, ver, sock string, newNode newNodeFunc) (err error) {
+	log := klog.Background().WithName("ploop-csi")
+	ctrl.SetLogger(klog.Background())
+	log.Info("starting", "version", ver, "mode", o.mode, "node", o.nodeID, "endpoint", sock)
+	cfg, err := restConfig(o)
+	if err != nil {
+		return err
+	}
+	sch, err := scheme()
+	if err != nil {
+		return err
+	}
+	mopts := ctrl.Options{
+		Scheme:                 sch,
+		Metrics:                metricsserver.Options{BindAddress: o.metricsAddress},
+		HealthProbeBindAddress: o.healthAddress,
+		Logger:                 klog.Background(),
+		// The default (30 s) would cut off CSI calls in flight, which get
+		// --shutdown-timeout of their own.
+		GracefulShutdownTimeout: ptrDuration(o.shutdownTimeout + o.shutdownTimeout/2),
+	}
+	dcfg := driver.Config{Name: o.driverName, Version: ver, NodeID: o.nodeID, ShutdownTimeout: o.shutdownTimeout}
+	var setup func(ctrl.Manager) error
+	switch driver.Mode(o.mode) {
+	case driver.ModeController:
+		mopts.LeaderElection = o.leaderElect
+		mopts.LeaderElectionID = leaderElectionID
+		mopts.LeaderElectionNamespace = o.leaderElectionNamespace
+		if mopts.LeaderElectionNamespace == "" {
+			mopts.LeaderElectionNamespace = inClusterNamespace()
+		}
+		mopts.LeaderElectionReleaseOnCancel = true
+		dcfg.Mode = driver.ModeController
+		setup = func(mgr ctrl.Manager) error {
+			dcfg.Catalog = clustercatalog.New(mgr.GetClient(), clustercatalog.Options{Reader: mgr.GetAPIReader()})
+			return nil
+		}
+	case driver.ModeNode:
+		mopts.Cache = nodeagent.CacheOptions(o.nodeID)
+		var cat *catalog.Catalog
+		var closeNode func() error
+		cat, closeNode, err = openNodeStorage(ctx, o, newNode, &dcfg)
+		if err != nil {
+			return err
+		}
+		defer func() {
+			if cerr := closeNode(); cerr != nil {
+				err = errors.Join(err, cerr)
+			}
+		}()
+		dcfg.Mode, dcfg.Catalog = driver.ModeNode, cat
+		setup = func(mgr ctrl.Manager) error {
+			return nodeagent.Setup(mgr, nodeagent.Options{NodeName: o.nodeID, Catalog: cat,
+				Recorder: mgr.GetEventRecorderFor("ploop-csi-node")})
+		}
+	default:
+		return fmt.Errorf("--mode %q has no manager", o.mode)
+	}
+	mgr, err := ctrl.NewManager(cfg, mopts)
+	if err != nil {
+		return fmt.Errorf("start the manager: %w", err)
+	}
+	if err := setup(mgr); err != nil {
+		return err
+	}
+	d, err := driver.New(dcfg)
+	if err != nil {
+		return err
+	}
+	lis, closeLis, err := listenUnix(sock)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := closeLis(); cerr != nil {
+			err = errors.Join(err, cerr)
+		}
+	}()
+	srv := &csiServer{d: d, lis: lis}
+	if err := mgr.Add(srv); err != nil {
+		return err
+	}
+	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
+		return err
+	}
+	if err := mgr.AddReadyzCheck("csi", srv.ready); err != nil {
+		return err
+	}
+	go func() {
+		<-ctx.Done()
+		stop()
+	}()
+	if err := mgr.Start(ctx); err != nil {
+		return fmt.Errorf("manager: %w", err)
+	}
+	log.Info("stopped; attached volumes stay attached for the next start")
+	return nil
+}
+
+// openNodeStorage opens what a node plugin serves, in the order serve
+// uses for mode all: the simfs root, the attachments (recovering what was
+// attached), the catalogue. close undoes it without detaching anything.
+func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, dcfg *driver.Config) (*catalog.Catalog, func() error, error) {
+	var closers []func() error
+	closeAll := func() error {
+		var errs []error
+		for i := len(closers) - 1; i >= 0; i-- {
+			errs = append(errs, closers[i]())
+		}
+		return errors.Join(errs...)
+	}
+	dirs, err := catalog.OpenSimfs(o.storageRoot, simfs.Options{})
+	switch {
+	case errors.Is(err, catalog.ErrUnavailable) || errors.Is(err, catalog.ErrInvalid):
+		return nil, nil, err
+	case err != nil:
+		klog.Background().Error(err, "simfs volumes are refused until the simfs root can be opened")
+		dirs = nil
+	default:
+		closers = append(closers, dirs.Close)
+	}
+	node, err := newNode(ctx, nodeConfig{
+		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
+		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
+	})
+	if err != nil {
+		closeAll()
+		return nil, nil, fmt.Errorf("start the node's attachments: %w", err)
+	}
+	closers = append(closers, node.Close)
+	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
+	if err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	closers = append(closers, cat.Close)
+	dcfg.Node = node
+	if o.kubeletDir != "" {
+		dcfg.PathPrefixes = []string{o.kubeletDir}
+	}
+	tidy := o.tidyInterval
+	if tidy == 0 {
+		tidy = -1
+	}
+	dcfg.TidyInterval = tidy
+	return cat, closeAll, nil
+}
+
+// inClusterNamespace is the pod's namespace, for the leader election
+// Lease; "" outside a pod.
+func inClusterNamespace() string {
+	b, err := os.ReadFile("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
+func ptrDuration(d time.Duration) *time.Duration { return &d }

@@ -1,0 +1,239 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/ploop-csi/ploop-csi/pkg/catalog"
+	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/test/e2e/kubeapi"
+)
+
+// freeAddr is a loopback address with a port nothing listens on now.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// lockedBuffer is a process's output, written by its goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// process is one ploop-csi run in this test process.
+type process struct {
+	cancel context.CancelFunc
+	done   chan int
+	out    *lockedBuffer
+}
+
+func start(t *testing.T, args []string, newNode newNodeFunc) *process {
+	ctx, cancel := context.WithCancel(context.Background())
+	p := &process{cancel: cancel, done: make(chan int, 1), out: &lockedBuffer{}}
+	go func() { p.done <- run(ctx, func() {}, args, p.out, p.out, newNode) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case code := <-p.done:
+			if code != exitOK {
+				t.Errorf("ploop-csi %s exited %d:\n%s", strings.Join(args, " "), code, p.out.String())
+			}
+		case <-time.After(time.Minute):
+			t.Errorf("ploop-csi %s did not stop", strings.Join(args, " "))
+		}
+	})
+	return p
+}
+
+func writeKubeconfig(t *testing.T, srv *kubeapi.Server) string {
+	t.Helper()
+	cfg := srv.Config()
+	kc := clientcmdapi.NewConfig()
+	kc.Clusters["test"] = &clientcmdapi.Cluster{Server: cfg.Host, CertificateAuthorityData: cfg.CAData}
+	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: cfg.CertData, ClientKeyData: cfg.KeyData}
+	kc.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "admin"}
+	kc.CurrentContext = "test"
+	path := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*kc, path); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func httpGet(ctx context.Context, url string) (int, string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, "", err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b), err
+}
+
+func eventually(t *testing.T, ctx context.Context, what string, ok func() error) {
+	t.Helper()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var last error
+	for {
+		if last = ok(); last == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s: %v (last: %v)", what, ctx.Err(), last)
+		case <-tick.C:
+		}
+	}
+}
+
+// TestClusterModes runs the binary's two cluster halves against a real
+// API server: a node plugin (its attachments stand in: no nbd here) and a
+// controller. A CSI CreateVolume at the controller lands on the node's
+// storage root; both serve /healthz, /readyz and the node /metrics; the
+// controller holds the leader Lease; both stop cleanly.
+func TestClusterModes(t *testing.T) {
+	srv := kubeapi.StartT(t, kubeapi.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := srv.InstallCRDs(ctx, filepath.Join("..", "..", "charts", "ploop-csi", "crds", "*.yaml")); err != nil {
+		t.Fatal(err)
+	}
+	sch, err := scheme()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(srv.Config(), client.Options{Scheme: sch})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}); err != nil {
+		t.Fatal(err)
+	}
+	kc := writeKubeconfig(t, srv)
+	root, dir := t.TempDir(), shortDir(t)
+	nodeSock, ctlSock := filepath.Join(dir, "node.sock"), filepath.Join(dir, "ctl.sock")
+	nodeMetrics, nodeHealth, ctlHealth := freeAddr(t), freeAddr(t), freeAddr(t)
+
+	node := &testNode{}
+	start(t, []string{"--mode", "node", "--nodeid", "node-1", "--storage-root", root, "--endpoint", "unix://" + nodeSock,
+		"--kubeconfig", kc, "--metrics-address", nodeMetrics, "--health-address", nodeHealth, "--trim-interval", "0"},
+		func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) { return node, nil })
+	start(t, []string{"--mode", "controller", "--nodeid", "controller-0", "--endpoint", "unix://" + ctlSock,
+		"--kubeconfig", kc, "--health-address", ctlHealth, "--leader-election-namespace", "default"}, nil)
+
+	for _, addr := range []string{nodeHealth, ctlHealth} {
+		for _, path := range []string{"/healthz", "/readyz"} {
+			eventually(t, ctx, addr+path, func() error {
+				code, body, err := httpGet(ctx, "http://"+addr+path)
+				if err == nil && code != http.StatusOK {
+					err = fmt.Errorf("%d %s", code, body)
+				}
+				return err
+			})
+		}
+	}
+
+	ctlConn, ctlID := dial(t, ctx, ctlSock)
+	nodeConn, nodeID := dial(t, ctx, nodeSock)
+	for name, id := range map[string]csi.IdentityClient{"controller": ctlID, "node": nodeID} {
+		if _, err := id.Probe(ctx, &csi.ProbeRequest{}); err != nil {
+			t.Errorf("%s probe: %v", name, err)
+		}
+	}
+	if _, err := csi.NewControllerClient(nodeConn).ControllerGetCapabilities(ctx, &csi.ControllerGetCapabilitiesRequest{}); status.Code(err) != codes.Unimplemented {
+		t.Errorf("the node plugin serves controller calls: %v", err)
+	}
+	ni, err := csi.NewNodeClient(nodeConn).NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
+	if err != nil || ni.GetAccessibleTopology().GetSegments()[driver.TopologyKey] != "node-1" {
+		t.Errorf("NodeGetInfo: %v, %v", ni, err)
+	}
+
+	ctl := csi.NewControllerClient(ctlConn)
+	seg := &csi.Topology{Segments: map[string]string{driver.TopologyKey: "node-1"}}
+	resp, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{
+		Name:          "pvc-0001",
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20},
+		VolumeCapabilities: []*csi.VolumeCapability{{
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		}},
+		AccessibilityRequirements: &csi.TopologyRequirement{Preferred: []*csi.Topology{seg}, Requisite: []*csi.Topology{seg}},
+	})
+	if err != nil {
+		t.Fatalf("CreateVolume at the controller: %v\nnode:\n%s", err, "")
+	}
+	id := resp.GetVolume().GetVolumeId()
+	if _, err := catalog.ParseVolumeID(id); err != nil {
+		t.Fatalf("volume id %q: %v", id, err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "ploop", "volumes", id)); err != nil {
+		t.Errorf("the volume is not on the node's root: %v", err)
+	}
+	eventually(t, ctx, "the node's capacity through GetCapacity", func() error {
+		r, err := ctl.GetCapacity(ctx, &csi.GetCapacityRequest{AccessibleTopology: seg})
+		if err == nil && r.GetAvailableCapacity() == 0 {
+			err = fmt.Errorf("none yet")
+		}
+		return err
+	})
+
+	// The manager's own metrics name the node agent's controllers.
+	_, metrics, err := httpGet(ctx, "http://"+nodeMetrics+"/metrics")
+	if err != nil || !strings.Contains(metrics, `controller_runtime_reconcile_total{controller="ploopvolume",result="success"}`) {
+		t.Errorf("node metrics (%v) lack the ploopvolume reconciles:\n%.2000s", err, metrics)
+	}
+	var lease coordinationv1.Lease
+	eventually(t, ctx, "the controller's leader Lease", func() error {
+		return c.Get(ctx, client.ObjectKey{Namespace: "default", Name: leaderElectionID}, &lease)
+	})
+
+	if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "ploop", "volumes", id)); !os.IsNotExist(err) {
+		t.Errorf("the deleted volume is still on the node's root: %v", err)
+	}
+}
