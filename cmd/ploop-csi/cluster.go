@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -17,18 +18,24 @@ import (
 	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	ctrlmetrics "sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/ploop-csi/ploop-csi/pkg/api/v1alpha1"
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/clustercatalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/pkg/metrics"
 	"github.com/ploop-csi/ploop-csi/pkg/nodeagent"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
 // leaderElectionID names the Lease the controller replicas compete for.
 const leaderElectionID = "controller.csi.ploop.io"
+
+// scrapeTimeout bounds how long a /metrics scrape reads the catalogue or
+// the API server.
+const scrapeTimeout = 20 * time.Second
 
 // restConfig is the API server's address and credentials: --kubeconfig,
 // else the pod's service account.
@@ -151,6 +158,23 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 	if err := setup(mgr); err != nil {
 		return err
 	}
+	// The manager serves controller-runtime's registry; the mode label
+	// keeps a controller and a node plugin in one process (tests) apart.
+	reg := prometheus.WrapRegistererWith(prometheus.Labels{"mode": o.mode}, ctrlmetrics.Registry)
+	csiMetrics, err := metrics.NewCSI(reg)
+	if err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	defer csiMetrics.Unregister(reg)
+	dcfg.Observer = csiMetrics
+	var state prometheus.Collector = metrics.NewResources(mgr.GetAPIReader(), scrapeTimeout)
+	if dcfg.Mode == driver.ModeNode {
+		state = metrics.NewStorage(o.nodeID, dcfg.Catalog.(*catalog.Catalog), scrapeTimeout)
+	}
+	if err := reg.Register(state); err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	defer reg.Unregister(state)
 	d, err := driver.New(dcfg)
 	if err != nil {
 		return err

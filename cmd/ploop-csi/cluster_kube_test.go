@@ -155,14 +155,14 @@ func TestClusterModes(t *testing.T) {
 	kc := writeKubeconfig(t, srv)
 	root, dir := t.TempDir(), shortDir(t)
 	nodeSock, ctlSock := filepath.Join(dir, "node.sock"), filepath.Join(dir, "ctl.sock")
-	nodeMetrics, nodeHealth, ctlHealth := freeAddr(t), freeAddr(t), freeAddr(t)
+	nodeMetrics, nodeHealth, ctlMetrics, ctlHealth := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 
 	node := &testNode{}
 	start(t, []string{"--mode", "node", "--nodeid", "node-1", "--storage-root", root, "--endpoint", "unix://" + nodeSock,
 		"--kubeconfig", kc, "--metrics-address", nodeMetrics, "--health-address", nodeHealth, "--trim-interval", "0"},
 		func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) { return node, nil })
 	start(t, []string{"--mode", "controller", "--nodeid", "controller-0", "--endpoint", "unix://" + ctlSock,
-		"--kubeconfig", kc, "--health-address", ctlHealth, "--leader-election-namespace", "default"}, nil)
+		"--kubeconfig", kc, "--metrics-address", ctlMetrics, "--health-address", ctlHealth, "--leader-election-namespace", "default"}, nil)
 
 	for _, addr := range []string{nodeHealth, ctlHealth} {
 		for _, path := range []string{"/healthz", "/readyz"} {
@@ -220,10 +220,23 @@ func TestClusterModes(t *testing.T) {
 		return err
 	})
 
-	// The manager's own metrics name the node agent's controllers.
-	_, metrics, err := httpGet(ctx, "http://"+nodeMetrics+"/metrics")
-	if err != nil || !strings.Contains(metrics, `controller_runtime_reconcile_total{controller="ploopvolume",result="success"}`) {
-		t.Errorf("node metrics (%v) lack the ploopvolume reconciles:\n%.2000s", err, metrics)
+	// The documented metrics, with values that match what was created;
+	// beside them the manager's own (the node agent's reconciles).
+	for _, tt := range []struct{ addr, series string }{
+		{nodeMetrics, `controller_runtime_reconcile_total{controller="ploopvolume",result="success"}`},
+		{nodeMetrics, `ploop_csi_volumes{mode="node",node="node-1",type="ploop"} 1`},
+		{nodeMetrics, `ploop_csi_volume_provisioned_bytes{mode="node",node="node-1",type="ploop",volume="` + id + `"} 1.6777216e+07`},
+		{nodeMetrics, `ploop_csi_root_provisioned_bytes{mode="node",node="node-1"} 1.6777216e+07`},
+		{nodeMetrics, `ploop_csi_root_available_bytes{mode="node",node="node-1"}`},
+		{nodeMetrics, `ploop_csi_operations_total{code="OK",method="NodeGetInfo",mode="node"} 1`},
+		{ctlMetrics, `ploop_csi_operations_total{code="OK",method="CreateVolume",mode="controller"} 1`},
+		{ctlMetrics, `ploop_csi_operation_duration_seconds_count{code="OK",method="CreateVolume",mode="controller"} 1`},
+		{ctlMetrics, `ploop_csi_resources{kind="PloopVolume",mode="controller",node="node-1",phase="Ready"} 1`},
+	} {
+		_, body, err := httpGet(ctx, "http://"+tt.addr+"/metrics")
+		if err != nil || !strings.Contains(body, tt.series) {
+			t.Errorf("/metrics at %s (%v) lacks %s", tt.addr, err, tt.series)
+		}
 	}
 	var lease coordinationv1.Lease
 	eventually(t, ctx, "the controller's leader Lease", func() error {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"k8s.io/klog/v2"
 
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
@@ -106,9 +107,17 @@ type Config struct {
 	TidyInterval time.Duration
 	// ShutdownTimeout: default DefaultShutdownTimeout.
 	ShutdownTimeout time.Duration
+	// Observer, when set, is told of every answered call (metrics).
+	Observer Observer
 	// Logger receives one line per call (V(2), errors at V(1) or as
 	// errors) and the driver's own messages; the zero value logs to klog.
 	Logger klog.Logger
+}
+
+// Observer is told of every CSI call the driver answered: its method's
+// short name, the gRPC code and how long it took.
+type Observer interface {
+	ObserveCall(method string, code codes.Code, d time.Duration)
 }
 
 // Driver is the CSI driver: it translates CSI calls into calls on the

@@ -26,8 +26,11 @@ func (d *Driver) intercept(ctx context.Context, req any, info *grpc.UnaryServerI
 				"method", method, "stack", string(debug.Stack()))
 			resp, err = nil, status.Errorf(codes.Internal, "%s: internal error (panic: %v); the driver's log has the stack", method, p)
 		}
-		code := status.Code(err)
-		kv := append(requestIDs(req), "duration", time.Since(start), "code", code.String())
+		code, took := status.Code(err), time.Since(start)
+		if d.cfg.Observer != nil {
+			d.cfg.Observer.ObserveCall(method, code, took)
+		}
+		kv := append(requestIDs(req), "duration", took, "code", code.String())
 		switch {
 		case err == nil:
 			d.log.V(2).Info("CSI call", append([]any{"method", method}, kv...)...)
