@@ -27,6 +27,7 @@ import (
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
 	"github.com/ploop-csi/ploop-csi/pkg/metrics"
 	"github.com/ploop-csi/ploop-csi/pkg/nodeagent"
+	"github.com/ploop-csi/ploop-csi/pkg/orphans"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
@@ -167,6 +168,21 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 	}
 	defer csiMetrics.Unregister(reg)
 	dcfg.Observer = csiMetrics
+	if dcfg.Mode == driver.ModeController {
+		rep, err := orphans.New(orphans.Options{
+			Driver: dcfg.Name, Reader: mgr.GetAPIReader(), Writer: mgr.GetClient(),
+			Recorder: mgr.GetEventRecorderFor("ploop-csi-controller"), Registerer: reg,
+			Interval: o.orphanInterval, Grace: o.orphanGrace, Delete: o.deleteOrphans,
+			Logger: klog.Background().WithName("orphans"),
+		})
+		if err != nil {
+			return err
+		}
+		defer rep.Unregister()
+		if err := mgr.Add(rep); err != nil {
+			return err
+		}
+	}
 	var state prometheus.Collector = metrics.NewResources(mgr.GetAPIReader(), scrapeTimeout)
 	if dcfg.Mode == driver.ModeNode {
 		state = metrics.NewStorage(o.nodeID, dcfg.Catalog.(*catalog.Catalog), scrapeTimeout)

@@ -242,6 +242,15 @@ func TestClusterModes(t *testing.T) {
 	eventually(t, ctx, "the controller's leader Lease", func() error {
 		return c.Get(ctx, client.ObjectKey{Namespace: "default", Name: leaderElectionID}, &lease)
 	})
+	// The elected controller scans for orphans: the volume has no
+	// PersistentVolume yet, but it is younger than the grace period.
+	eventually(t, ctx, "the orphan scan's gauge", func() error {
+		_, body, err := httpGet(ctx, "http://"+ctlMetrics+"/metrics")
+		if err == nil && !strings.Contains(body, `ploop_csi_orphans{kind="volume",mode="controller"} 0`) {
+			err = fmt.Errorf("no ploop_csi_orphans{kind=\"volume\"} 0 yet")
+		}
+		return err
+	})
 
 	if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 		t.Fatal(err)

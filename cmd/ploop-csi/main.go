@@ -41,6 +41,7 @@ import (
 
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/pkg/orphans"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
@@ -82,6 +83,9 @@ type options struct {
 	healthAddress           string
 	leaderElect             bool
 	leaderElectionNamespace string
+	deleteOrphans           bool
+	orphanInterval          time.Duration
+	orphanGrace             time.Duration
 }
 
 func flags(o *options, stderr io.Writer) *flag.FlagSet {
@@ -98,6 +102,10 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.healthAddress, "health-address", "0", "controller and node modes: where /healthz and /readyz are served (e.g. :9808); 0, the default, opens no port")
 	fs.BoolVar(&o.leaderElect, "leader-elect", true, "controller mode: elect one active controller among replicas (a Lease)")
 	fs.StringVar(&o.leaderElectionNamespace, "leader-election-namespace", "", "controller mode: the Lease's namespace; empty takes the pod's")
+	fs.BoolVar(&o.deleteOrphans, "delete-orphans", false, "controller mode: delete PloopVolumes (and so their images) that no PersistentVolume uses; "+
+		"off, orphans are only reported (Events, the ploop_csi_orphans metric)")
+	fs.DurationVar(&o.orphanInterval, "orphan-scan-interval", orphans.DefaultInterval, "controller mode: how often orphans are looked for")
+	fs.DurationVar(&o.orphanGrace, "orphan-grace", orphans.DefaultGrace, "controller mode: how old a volume must be before a missing PersistentVolume makes it an orphan")
 	fs.StringVar(&o.storageRoot, "storage-root", "/var/lib/ploop-csi", "storage root: an existing directory (not a symlink) that holds every volume and snapshot")
 	fs.StringVar(&o.driverName, "drivername", driver.DefaultName, "the driver's name (the CSIDriver object's)")
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "", "when set (e.g. /var/lib/kubelet), staging and target paths must lie below it; "+

@@ -153,6 +153,11 @@ func (r *report) event(e event) {
 // own lines, and for a failed package the lines of its failed tests.
 func (r *report) finish(name string, p *pkgState, failed bool) {
 	for _, l := range p.lines {
+		// -json runs tests verbosely; plain go test prints a passing
+		// package's "PASS" only with -v.
+		if l.test == "" && !failed && l.text == "PASS\n" {
+			continue
+		}
 		if l.test == "" || failed && p.failed[l.test] {
 			fmt.Fprint(r.w, l.text)
 		}

@@ -25,11 +25,12 @@ func TestReport(t *testing.T) {
 				ev("output", "p/ok", "TestA", "=== RUN   TestA\n"),
 				ev("output", "p/ok", "TestA", "    a_test.go:1: noise\n"),
 				ev("pass", "p/ok", "TestA", ""),
+				ev("output", "p/ok", "", "PASS\n"),
 				ev("output", "p/ok", "", "ok  \tp/ok\t0.1s\n"),
 				ev("pass", "p/ok", "", ""),
 			},
 			want:    []string{"ok  \tp/ok\t0.1s"},
-			notWant: []string{"noise", "failed"},
+			notWant: []string{"noise", "failed", "PASS"},
 		},
 		{
 			name: "failed subtest: its output, then the summary names it with its last lines",
