@@ -81,7 +81,16 @@ func TestScan(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}); err != nil {
+		t.Fatal(err)
+	}
 	used, orphan, pending := volume(v1alpha1.Ready), volume(v1alpha1.Ready), volume("")
+	// A snapshot on a node that is gone for good.
+	gone := &v1alpha1.PloopSnapshot{ObjectMeta: metav1.ObjectMeta{Name: catalog.NewSnapshotID()},
+		Spec: v1alpha1.PloopSnapshotSpec{Name: "snap-gone", NodeName: "node-gone", SourceVolume: used}}
+	if err := c.Create(ctx, gone); err != nil {
+		t.Fatal(err)
+	}
 	pv("pv-used", driverName, used)
 	pv("pv-dangling", driverName, catalog.NewVolumeID(catalog.Ploop))
 	pv("pv-other-driver", "other.csi.example", orphan) // not ours: does not count as a use
@@ -95,17 +104,19 @@ func TestScan(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(rep.Volumes, []string{orphan}) || !slices.Equal(rep.PersistentVolumes, []string{"pv-dangling"}) || len(rep.Deleted) != 0 {
-		t.Fatalf("report %+v, want volume %s and pv-dangling (pending %s and used %s left alone)", rep, orphan, pending, used)
+	if !slices.Equal(rep.Volumes, []string{orphan}) || !slices.Equal(rep.PersistentVolumes, []string{"pv-dangling"}) || len(rep.Deleted) != 0 ||
+		!slices.Equal(rep.Stranded, []string{gone.Name}) {
+		t.Fatalf("report %+v, want volume %s, pv-dangling and stranded %s (pending %s and used %s left alone)", rep, orphan, gone.Name, pending, used)
 	}
-	want := map[string]float64{"volume": 1, "persistentvolume": 1}
+	waitEvent(ctx, t, cs, gone.Name, "NodeGone")
+	want := map[string]float64{"volume": 1, "persistentvolume": 1, "stranded": 1}
 	for kind, n := range want {
 		if got := testutil.ToFloat64(gaugeOf(t, reg, kind)); got != n {
 			t.Errorf("ploop_csi_orphans{kind=%s} = %v, want %v", kind, got, n)
 		}
 	}
 	for _, name := range []string{orphan, "pv-dangling"} {
-		waitEvent(ctx, t, cs, name)
+		waitEvent(ctx, t, cs, name, "Orphan")
 	}
 
 	// A young volume is not an orphan yet: its PersistentVolume may be on
@@ -161,18 +172,18 @@ func gaugeOf(t *testing.T, reg *prometheus.Registry, kind string) prometheus.Col
 	return nil
 }
 
-func waitEvent(ctx context.Context, t *testing.T, cs *kubernetes.Clientset, object string) {
+func waitEvent(ctx context.Context, t *testing.T, cs *kubernetes.Clientset, object, reason string) {
 	t.Helper()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		evs, err := cs.CoreV1().Events("").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + object})
-		if err == nil && len(evs.Items) > 0 && evs.Items[0].Reason == "Orphan" {
+		if err == nil && len(evs.Items) > 0 && evs.Items[0].Reason == reason {
 			return
 		}
 		select {
 		case <-ctx.Done():
-			t.Fatalf("no Orphan event on %s: %v", object, err)
+			t.Fatalf("no %s event on %s: %v", reason, object, err)
 		case <-tick.C:
 		}
 	}

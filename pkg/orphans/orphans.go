@@ -10,7 +10,9 @@
 // on every orphan (on the PloopVolume, or on the PersistentVolume) and sets
 // the ploop_csi_orphans gauge. It deletes nothing unless told to, and then
 // only orphaned PloopVolumes (their node then removes the image); a
-// PersistentVolume is the CO's, never the driver's to delete.
+// PersistentVolume is the CO's, never the driver's to delete. Resources
+// whose node no longer exists are reported too (kind stranded): their
+// finalizers hold them until an operator lets them go.
 package orphans
 
 import (
@@ -62,11 +64,13 @@ type Reporter struct {
 }
 
 // Report is what one scan found: ids of PloopVolumes without a
-// PersistentVolume, names of PersistentVolumes without a PloopVolume.
+// PersistentVolume, names of PersistentVolumes without a PloopVolume, and
+// the resources (volumes and snapshots) whose node no longer exists.
 type Report struct {
 	Volumes           []string
 	PersistentVolumes []string
 	Deleted           []string
+	Stranded          []string
 }
 
 // New returns a Reporter, its gauge registered.
@@ -81,7 +85,8 @@ func New(o Options) (*Reporter, error) {
 	}
 	r := &Reporter{o: o, now: time.Now, gauge: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: "ploop_csi", Name: "orphans",
-		Help: "Orphans the last scan found: kind=volume, PloopVolumes no PersistentVolume uses; kind=persistentvolume, the driver's PersistentVolumes no PloopVolume backs.",
+		Help: "Orphans the last scan found: kind=volume, PloopVolumes no PersistentVolume uses; kind=persistentvolume, the driver's PersistentVolumes no PloopVolume backs; " +
+			"kind=stranded, PloopVolumes and PloopSnapshots whose node no longer exists.",
 	}, []string{"kind"})}
 	if o.Registerer != nil {
 		if err := o.Registerer.Register(r.gauge); err != nil {
@@ -124,6 +129,18 @@ func (r *Reporter) Scan(ctx context.Context) (Report, error) {
 	if err := r.o.Reader.List(ctx, &vols); err != nil {
 		return Report{}, fmt.Errorf("list ploop volumes: %w", err)
 	}
+	var snaps v1alpha1.PloopSnapshotList
+	if err := r.o.Reader.List(ctx, &snaps); err != nil {
+		return Report{}, fmt.Errorf("list ploop snapshots: %w", err)
+	}
+	var nodes corev1.NodeList
+	if err := r.o.Reader.List(ctx, &nodes); err != nil {
+		return Report{}, fmt.Errorf("list nodes: %w", err)
+	}
+	known := map[string]bool{}
+	for _, n := range nodes.Items {
+		known[n.Name] = true
+	}
 	handles := map[string]bool{}
 	for _, pv := range pvs.Items {
 		if csi := pv.Spec.CSI; csi != nil && csi.Driver == r.o.Driver {
@@ -159,6 +176,24 @@ func (r *Reporter) Scan(ctx context.Context) (Report, error) {
 		rep.PersistentVolumes = append(rep.PersistentVolumes, pv.Name)
 		r.event(pv, "Orphan", "no PloopVolume backs volume %s: its data is gone or was never created by this cluster's driver; pods that use it will not start", pv.Spec.CSI.VolumeHandle)
 	}
+	// A node that is gone for good leaves its resources behind, held by
+	// their finalizers: nothing but an operator can release them (and the
+	// images with them, if the node's disk is gone too).
+	stranded := func(obj client.Object, node string) {
+		if node == "" || known[node] {
+			return
+		}
+		rep.Stranded = append(rep.Stranded, obj.GetName())
+		r.event(obj, "NodeGone", "node %s, which holds this resource's data, no longer exists: nothing can carry out or finish its operations. "+
+			"If the node will not come back, remove the finalizer %s (kubectl patch --type=json -p '[{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}]') and delete the resource", node, v1alpha1.Finalizer)
+	}
+	for i := range vols.Items {
+		stranded(&vols.Items[i], vols.Items[i].Spec.NodeName)
+	}
+	for i := range snaps.Items {
+		stranded(&snaps.Items[i], snaps.Items[i].Spec.NodeName)
+	}
+	r.gauge.WithLabelValues("stranded").Set(float64(len(rep.Stranded)))
 	r.gauge.WithLabelValues("volume").Set(float64(len(rep.Volumes) - len(rep.Deleted)))
 	r.gauge.WithLabelValues("persistentvolume").Set(float64(len(rep.PersistentVolumes)))
 	return rep, nil
