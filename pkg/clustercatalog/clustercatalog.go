@@ -384,6 +384,11 @@ func (c *Catalog) ExpandVolume(ctx context.Context, id string, required, limit i
 // ListVolumes lists the volumes their nodes reported ready, in id order
 // after the volume the token names.
 func (c *Catalog) ListVolumes(ctx context.Context, token string, max int) ([]catalog.Volume, string, error) {
+	if token != "" {
+		if _, err := catalog.ParseVolumeID(token); err != nil {
+			return nil, "", fmt.Errorf("list token %q: %w", token, catalog.ErrBadToken)
+		}
+	}
 	var list v1alpha1.PloopVolumeList
 	if err := c.r.List(ctx, &list); err != nil {
 		return nil, "", apiError("list volumes", err)
@@ -531,6 +536,11 @@ func (c *Catalog) DeleteSnapshot(ctx context.Context, id string) error {
 // ListSnapshots lists the snapshots their nodes reported ready that match
 // the filter, in id order after the snapshot the token names.
 func (c *Catalog) ListSnapshots(ctx context.Context, f catalog.SnapshotFilter, token string, max int) ([]catalog.Snapshot, string, error) {
+	if token != "" {
+		if err := catalog.ValidateSnapshotID(token); err != nil {
+			return nil, "", fmt.Errorf("list token %q: %w", token, catalog.ErrBadToken)
+		}
+	}
 	var list v1alpha1.PloopSnapshotList
 	if err := c.r.List(ctx, &list); err != nil {
 		return nil, "", apiError("list snapshots", err)

@@ -157,6 +157,17 @@ func TestCSIControllerMode(t *testing.T) {
 		if err != nil || len(list.GetEntries()) != 2 {
 			t.Errorf("ListVolumes: %v, %v", list, err)
 		}
+		page, err := ctl.ListVolumes(ctx, &csi.ListVolumesRequest{MaxEntries: 1})
+		if err != nil || len(page.GetEntries()) != 1 || page.GetNextToken() == "" {
+			t.Fatalf("ListVolumes page 1: %v, %v", page, err)
+		}
+		rest, err := ctl.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: page.GetNextToken()})
+		if err != nil || len(rest.GetEntries()) != 1 || rest.GetEntries()[0].GetVolume().GetVolumeId() == page.GetEntries()[0].GetVolume().GetVolumeId() {
+			t.Errorf("ListVolumes page 2: %v, %v", rest, err)
+		}
+		if _, err := ctl.ListVolumes(ctx, &csi.ListVolumesRequest{StartingToken: "garbage"}); status.Code(err) != codes.Aborted {
+			t.Errorf("ListVolumes with a token not ours: %v, want Aborted", err)
+		}
 		for _, id := range []string{clone.GetVolumeId(), vol.GetVolumeId()} {
 			if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 				t.Fatalf("delete %s: %v", id, err)
