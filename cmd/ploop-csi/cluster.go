@@ -22,6 +22,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/ploop-csi/ploop-csi/pkg/api/v1alpha1"
+	"github.com/ploop-csi/ploop-csi/pkg/attachments"
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/clustercatalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
@@ -115,6 +116,9 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 		// --shutdown-timeout of their own.
 		GracefulShutdownTimeout: ptrDuration(o.shutdownTimeout + o.shutdownTimeout/2),
 	}
+	// The manager serves controller-runtime's registry; the mode label
+	// keeps a controller and a node plugin in one process (tests) apart.
+	reg := prometheus.WrapRegistererWith(prometheus.Labels{"mode": o.mode}, ctrlmetrics.Registry)
 	dcfg := driver.Config{Name: o.driverName, Version: ver, NodeID: o.nodeID, ShutdownTimeout: o.shutdownTimeout}
 	var setup func(ctrl.Manager) error
 	switch driver.Mode(o.mode) {
@@ -133,9 +137,14 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 		}
 	case driver.ModeNode:
 		mopts.Cache = nodeagent.CacheOptions(o.nodeID)
+		nodeMetrics, err := metrics.NewNode(reg)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		defer nodeMetrics.Unregister(reg)
 		var cat *catalog.Catalog
 		var closeNode func() error
-		cat, closeNode, err = openNodeStorage(ctx, o, newNode, &dcfg)
+		cat, closeNode, err = openNodeStorage(ctx, o, newNode, nodeMetrics, &dcfg)
 		if err != nil {
 			return err
 		}
@@ -159,9 +168,6 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 	if err := setup(mgr); err != nil {
 		return err
 	}
-	// The manager serves controller-runtime's registry; the mode label
-	// keeps a controller and a node plugin in one process (tests) apart.
-	reg := prometheus.WrapRegistererWith(prometheus.Labels{"mode": o.mode}, ctrlmetrics.Registry)
 	csiMetrics, err := metrics.NewCSI(reg)
 	if err != nil {
 		return fmt.Errorf("metrics: %w", err)
@@ -228,7 +234,7 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 // openNodeStorage opens what a node plugin serves, in the order serve
 // uses for mode all: the simfs root, the attachments (recovering what was
 // attached), the catalogue. close undoes it without detaching anything.
-func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, dcfg *driver.Config) (*catalog.Catalog, func() error, error) {
+func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs attachments.Observer, dcfg *driver.Config) (*catalog.Catalog, func() error, error) {
 	var closers []func() error
 	closeAll := func() error {
 		var errs []error
@@ -250,6 +256,7 @@ func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, dcfg *
 	node, err := newNode(ctx, nodeConfig{
 		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
 		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
+		Observer: obs,
 	})
 	if err != nil {
 		closeAll()

@@ -160,7 +160,7 @@ func TestClusterModes(t *testing.T) {
 	node := &testNode{}
 	start(t, []string{"--mode", "node", "--nodeid", "node-1", "--storage-root", root, "--endpoint", "unix://" + nodeSock,
 		"--kubeconfig", kc, "--metrics-address", nodeMetrics, "--health-address", nodeHealth, "--trim-interval", "0"},
-		func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) { return node, nil })
+		func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) { node.cfg = cfg; return node, nil })
 	start(t, []string{"--mode", "controller", "--nodeid", "controller-0", "--endpoint", "unix://" + ctlSock,
 		"--kubeconfig", kc, "--metrics-address", ctlMetrics, "--health-address", ctlHealth, "--leader-election-namespace", "default"}, nil)
 
@@ -220,6 +220,14 @@ func TestClusterModes(t *testing.T) {
 		return err
 	})
 
+	// The attachments report their events through the Observer the node
+	// plugin gave them (pkg/attachments' VM tests prove the calls).
+	if node.cfg.Observer == nil {
+		t.Fatal("the node plugin's attachments got no Observer")
+	}
+	node.cfg.Observer.Paused("snapshot", 3*time.Millisecond)
+	node.cfg.Observer.IOError(id)
+	node.cfg.Observer.Reattached(id, nil)
 	// The documented metrics, with values that match what was created;
 	// beside them the manager's own (the node agent's reconciles).
 	for _, tt := range []struct{ addr, series string }{
@@ -229,6 +237,9 @@ func TestClusterModes(t *testing.T) {
 		{nodeMetrics, `ploop_csi_root_provisioned_bytes{mode="node",node="node-1"} 1.6777216e+07`},
 		{nodeMetrics, `ploop_csi_root_available_bytes{mode="node",node="node-1"}`},
 		{nodeMetrics, `ploop_csi_operations_total{code="OK",method="NodeGetInfo",mode="node"} 1`},
+		{nodeMetrics, `ploop_csi_online_pause_seconds_bucket{mode="node",op="snapshot",le="0.005"} 1`},
+		{nodeMetrics, `ploop_csi_nbd_io_errors_total{mode="node",volume="` + id + `"} 1`},
+		{nodeMetrics, `ploop_csi_nbd_reattaches_total{mode="node",result="ok"} 1`},
 		{ctlMetrics, `ploop_csi_operations_total{code="OK",method="CreateVolume",mode="controller"} 1`},
 		{ctlMetrics, `ploop_csi_operation_duration_seconds_count{code="OK",method="CreateVolume",mode="controller"} 1`},
 		{ctlMetrics, `ploop_csi_resources{kind="PloopVolume",mode="controller",node="node-1",phase="Ready"} 1`},

@@ -27,6 +27,9 @@ type nodeConfig struct {
 	// Dirs is the storage root's simfs root, shared with the catalogue;
 	// nil refuses simfs volumes.
 	Dirs *simfs.Root
+	// Observer, when set, counts the volumes' I/O errors, re-attaches and
+	// online pauses (metrics).
+	Observer attachments.Observer
 }
 
 // nodeAttachments is the node's attachments as main owns them.
@@ -54,6 +57,7 @@ func newAttachments(ctx context.Context, cfg nodeConfig) (nodeAttachments, error
 		},
 		Direct:       cfg.DirectIO,
 		TrimInterval: cfg.TrimInterval,
+		Observer:     cfg.Observer,
 	}
 	if cfg.KubeletDir != "" {
 		o.PathPrefixes = []string{cfg.KubeletDir}

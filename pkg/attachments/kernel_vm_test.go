@@ -295,10 +295,16 @@ func testExt4Lifecycle(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
 	}
-	m = e.manager(t, nil)
+	obs := &recordingObserver{}
+	m = e.manager(t, func(o *Options) { o.Observer = obs })
 	if got := m.get(req.VolumeID); got == nil || got.served == nil || got.served.Device() != dev {
 		t.Fatalf("after restart: %+v", got)
 	}
+	obs.mu.Lock()
+	if err, ok := obs.reattached[req.VolumeID]; !ok || err != nil || len(obs.reattached) != 1 {
+		t.Errorf("re-attaches observed: %v, want %s without error", obs.reattached, req.VolumeID)
+	}
+	obs.mu.Unlock()
 	if err := os.WriteFile(filepath.Join(rw, "after-restart"), data, 0o644); err != nil {
 		t.Fatalf("write after restart: %v", err)
 	}
@@ -373,7 +379,8 @@ func testExt4Lifecycle(t *testing.T) {
 // serve say ErrNotAttached.
 func testXFSSnapshotClone(t *testing.T) {
 	e := newVMEnv(t, 1024)
-	m := e.manager(t, nil)
+	obs := &recordingObserver{}
+	m := e.manager(t, func(o *Options) { o.Observer = obs })
 	ctx := tctx(t, 5*time.Minute)
 	src := e.ploopReq(t, "ploop-xfs", 320<<20, FSXFS)
 	if err := m.Stage(ctx, src); err != nil {
@@ -415,6 +422,10 @@ func testXFSSnapshotClone(t *testing.T) {
 	}
 	if ok, err := m.Attached(ctx, src.VolumeID); err != nil || !ok {
 		t.Fatalf("Attached = %t, %v", ok, err)
+	}
+	// Each online operation told the Observer how long it paused I/O.
+	if got := obs.pausedOps(); !slices.Equal(got, []string{"snapshot", "snapshot-delete", "compact"}) {
+		t.Errorf("pauses observed for %v, want snapshot, snapshot-delete, compact", got)
 	}
 	for _, r := range []StageRequest{src, clone} {
 		if err := m.Unstage(ctx, r.VolumeID, r.StagingPath); err != nil {
@@ -1216,4 +1227,42 @@ func testParallel(t *testing.T) {
 	for _, r := range reqs {
 		wantClean(t, r.Path)
 	}
+}
+
+// recordingObserver records what an Observer is told.
+type recordingObserver struct {
+	mu         sync.Mutex
+	paused     []string
+	reattached map[string]error
+	ioErrors   map[string]int
+}
+
+func (r *recordingObserver) IOError(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ioErrors == nil {
+		r.ioErrors = map[string]int{}
+	}
+	r.ioErrors[id]++
+}
+
+func (r *recordingObserver) Reattached(id string, err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.reattached == nil {
+		r.reattached = map[string]error{}
+	}
+	r.reattached[id] = err
+}
+
+func (r *recordingObserver) Paused(op string, d time.Duration) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.paused = append(r.paused, op)
+}
+
+func (r *recordingObserver) pausedOps() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.Clone(r.paused)
 }

@@ -108,12 +108,27 @@ type Options struct {
 	Dirs Dirs
 	// Logger receives the Manager's log; the zero value logs to klog.
 	Logger klog.Logger
+	// Observer, when set, is told what the volumes go through (metrics).
+	Observer Observer
 
 	// afterTrimPass, set by tests, runs after each periodic trim pass.
 	afterTrimPass func()
 	// exportFailed, set by tests, stands in for serving.Volume.Failed: a
 	// real export fails only on a panic in its request path.
 	exportFailed func(*serving.Volume) error
+}
+
+// Observer is told of what the node's volumes go through. Its methods
+// must not block: IOError runs in the request path.
+type Observer interface {
+	// IOError: a volume's image failed a request of its nbd device.
+	IOError(volumeID string)
+	// Reattached: a volume attached before a restart was served again
+	// (err nil) or could not be.
+	Reattached(volumeID string, err error)
+	// Paused: an online operation (snapshot, snapshot-delete, grow,
+	// compact) paused the volume's I/O for d.
+	Paused(op string, d time.Duration)
 }
 
 // Manager owns the attachments of one node: the ploop volumes it serves
@@ -382,13 +397,17 @@ func (m *Manager) closeKernel() {
 // volume is an export of the Manager's one server.
 func (m *Manager) attachOptions(id string) serving.AttachOptions {
 	a := m.opts.Attach
-	return serving.AttachOptions{
+	o := serving.AttachOptions{
 		BackendID:       id,
 		Connections:     a.Connections,
 		Timeout:         a.Timeout,
 		DeadConnTimeout: a.DeadConnTimeout,
 		Server:          m.srv,
 	}
+	if obs := m.opts.Observer; obs != nil {
+		o.OnIOError = func(error) { obs.IOError(id) }
+	}
+	return o
 }
 
 // exportFailed says why the export of a served volume failed, nil when it
@@ -425,6 +444,9 @@ func (m *Manager) serve(ctx context.Context, rec record) (*serving.Volume, error
 		rctx, cancel := context.WithTimeout(ctx, m.opts.RecoveryTimeout)
 		err = v.Reattach(rctx, k, opts)
 		cancel()
+		if obs := m.opts.Observer; obs != nil && !errors.Is(err, serving.ErrNoDevice) {
+			obs.Reattached(rec.VolumeID, err)
+		}
 		if errors.Is(err, serving.ErrNoDevice) {
 			// Disconnected in between.
 			err = v.Attach(ctx, k, opts)

@@ -177,6 +177,7 @@ func (m *Manager) Snapshot(ctx context.Context, volumeID string) (string, error)
 	}
 	guid, st, err := v.served.Snapshot()
 	m.log.V(2).Info("online snapshot", "volume", volumeID, "guid", guid, "pause", st.Pause, "err", err)
+	m.paused("snapshot", st.Pause, err)
 	return guid, onlineErr("snapshot", volumeID, err)
 }
 
@@ -196,6 +197,7 @@ func (m *Manager) DeleteSnapshot(ctx context.Context, volumeID, guid string) err
 	}
 	st, err := v.served.DeleteSnapshot(guid)
 	m.log.V(2).Info("online snapshot delete", "volume", volumeID, "guid", guid, "pause", st.Pause, "err", err)
+	m.paused("snapshot-delete", st.Pause, err)
 	return onlineErr("delete snapshot", volumeID, err)
 }
 
@@ -222,7 +224,8 @@ func (m *Manager) Grow(ctx context.Context, volumeID string, size int64) error {
 	if v.served.Size() >= size {
 		return nil
 	}
-	_, err = v.served.Grow(size)
+	st, err := v.served.Grow(size)
+	m.paused("grow", st.Pause, err)
 	return onlineErr("grow", volumeID, err)
 }
 
@@ -241,5 +244,14 @@ func (m *Manager) Compact(ctx context.Context, volumeID string) error {
 	}
 	res, st, err := v.served.Compact()
 	m.log.V(2).Info("online compact", "volume", volumeID, "result", res, "pause", st.Pause, "err", err)
+	m.paused("compact", st.Pause, err)
 	return onlineErr("compact", volumeID, err)
+}
+
+// paused tells the Observer how long a successful online operation held
+// the volume's I/O.
+func (m *Manager) paused(op string, d time.Duration, err error) {
+	if obs := m.opts.Observer; obs != nil && err == nil {
+		obs.Paused(op, d)
+	}
 }

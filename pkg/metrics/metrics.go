@@ -210,3 +210,61 @@ func (m *CSI) Unregister(reg prometheus.Registerer) {
 	reg.Unregister(m.calls)
 	reg.Unregister(m.latency)
 }
+
+// Node counts what a node's volumes go through (attachments.Observer):
+// I/O errors their images return, re-attaches after a restart, and how
+// long online operations pause I/O.
+type Node struct {
+	ioErrors  *prometheus.CounterVec
+	reattach  *prometheus.CounterVec
+	pauses    *prometheus.HistogramVec
+	collected []prometheus.Collector
+}
+
+// NewNode registers the node's event metrics with reg.
+func NewNode(reg prometheus.Registerer) (*Node, error) {
+	m := &Node{
+		ioErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "nbd_io_errors_total",
+			Help: "Requests of a volume's nbd device that its image failed (the kernel got an I/O error).",
+		}, []string{"volume"}),
+		reattach: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: namespace, Name: "nbd_reattaches_total",
+			Help: "Volumes served again after a restart of the node plugin, by result (ok, failed).",
+		}, []string{"result"}),
+		pauses: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace, Name: "online_pause_seconds",
+			Help:    "How long online operations on attached volumes paused their I/O, by operation.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
+		}, []string{"op"}),
+	}
+	m.collected = []prometheus.Collector{m.ioErrors, m.reattach, m.pauses}
+	for _, c := range m.collected {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+// IOError implements attachments.Observer.
+func (m *Node) IOError(volumeID string) { m.ioErrors.WithLabelValues(volumeID).Inc() }
+
+// Reattached implements attachments.Observer.
+func (m *Node) Reattached(volumeID string, err error) {
+	result := "ok"
+	if err != nil {
+		result = "failed"
+	}
+	m.reattach.WithLabelValues(result).Inc()
+}
+
+// Paused implements attachments.Observer.
+func (m *Node) Paused(op string, d time.Duration) { m.pauses.WithLabelValues(op).Observe(d.Seconds()) }
+
+// Unregister removes the node's event metrics from reg.
+func (m *Node) Unregister(reg prometheus.Registerer) {
+	for _, c := range m.collected {
+		reg.Unregister(c)
+	}
+}

@@ -2,6 +2,7 @@ package metrics
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/grpc/codes"
 
+	"github.com/ploop-csi/ploop-csi/pkg/attachments"
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 )
 
@@ -118,5 +120,38 @@ ploop_csi_volumes{node="node-1",type="simfs"} 0
 		if !found {
 			t.Errorf("%s missing", name)
 		}
+	}
+}
+
+func TestNode(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	m, err := NewNode(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var _ attachments.Observer = m
+	m.IOError("ploop-a")
+	m.IOError("ploop-a")
+	m.Reattached("ploop-a", nil)
+	m.Reattached("ploop-b", errors.New("gone"))
+	m.Paused("snapshot", 3*time.Millisecond)
+	for _, tt := range []struct {
+		c    prometheus.Collector
+		want float64
+	}{
+		{m.ioErrors.WithLabelValues("ploop-a"), 2},
+		{m.reattach.WithLabelValues("ok"), 1},
+		{m.reattach.WithLabelValues("failed"), 1},
+	} {
+		if got := testutil.ToFloat64(tt.c); got != tt.want {
+			t.Errorf("%v = %v, want %v", tt.c, got, tt.want)
+		}
+	}
+	if n := testutil.CollectAndCount(m.pauses); n != 1 {
+		t.Errorf("pause series %d, want 1", n)
+	}
+	m.Unregister(reg)
+	if _, err := NewNode(reg); err != nil {
+		t.Errorf("after Unregister: %v", err)
 	}
 }

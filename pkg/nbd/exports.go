@@ -21,6 +21,10 @@ type Export struct {
 	// ErrExportFailed), in a goroutine of its own so that it may call
 	// Server.Remove.
 	OnFailure func(error)
+	// OnIOError, if set, is called with every error the Backend returns
+	// for a request, and for every request a failed export answers with
+	// EIO (the client gets them as NBD errors); it must not block.
+	OnIOError func(error)
 }
 
 // ErrExportFailed marks an export that stopped serving because a request
@@ -263,4 +267,11 @@ func (s *Server) exportList() []*export {
 	s.mu.RLock()
 	defer s.mu.RUnlock()
 	return append([]*export(nil), s.order...)
+}
+
+// ioError tells the export's owner that its backend failed a request.
+func (e *export) ioError(err error) {
+	if err != nil && e.OnIOError != nil {
+		e.OnIOError(err)
+	}
 }

@@ -761,6 +761,7 @@ func (c *conn) serveRequest(exp *export, j job) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			perr := exp.fail(r, debug.Stack())
+			exp.ioError(perr)
 			err = c.fail(j.req, errIO, perr.Error())
 		}
 	}()
@@ -778,6 +779,7 @@ func (c *conn) handle(exp *export, j job) error {
 		return nil
 	}
 	if err := exp.failed(); err != nil {
+		exp.ioError(err)
 		return c.fail(req, errIO, err.Error())
 	}
 	b := exp.Backend
@@ -798,11 +800,11 @@ func (c *conn) handle(exp *export, j job) error {
 			return c.fail(req, errInval, "read beyond end of export")
 		}
 		if fr, ok := b.(FileReader); ok && req.length >= minSplicedRead {
-			if done, err := c.readSpliced(fr, req); done {
+			if done, err := c.readSpliced(exp, fr, req); done {
 				return err
 			}
 		}
-		return c.read(b, req)
+		return c.read(exp, b, req)
 
 	case cmdWrite, cmdTrim, cmdWriteZeroes:
 		if exp.readOnly() {
@@ -830,6 +832,7 @@ func (c *conn) handle(exp *export, j job) error {
 		}
 		if err := exp.failed(); err != nil {
 			// An earlier overlapping write panicked.
+			exp.ioError(err)
 			return c.fail(req, errIO, err.Error())
 		}
 		var err error
@@ -856,11 +859,14 @@ func (c *conn) handle(exp *export, j job) error {
 		}
 		if err != nil {
 			klog.V(4).InfoS("nbd request failed", "cmd", req.typ, "offset", req.offset, "length", req.length, "err", err)
+			exp.ioError(err)
 		}
 		return c.done(req, err)
 
 	case cmdFlush:
-		return c.done(req, b.Flush())
+		err := b.Flush()
+		exp.ioError(err)
+		return c.done(req, err)
 
 	case cmdBlockStatus:
 		if !c.structured || !c.metaAlloc {
@@ -878,7 +884,7 @@ func (c *conn) handle(exp *export, j job) error {
 
 // read answers READ: one simple reply, or with structured replies one
 // chunk per data or hole run, so clients can skip zero ranges.
-func (c *conn) read(b Backend, req request) error {
+func (c *conn) read(exp *export, b Backend, req request) error {
 	buf, ok := c.getBuf(int(req.length))
 	if !ok {
 		return nil // shut down while waiting for memory: nobody to answer
@@ -888,6 +894,7 @@ func (c *conn) read(b Backend, req request) error {
 	defer func() { c.putBuf(buf) }()
 	if !c.structured {
 		if _, err := readFull(b, buf, int64(req.offset)); err != nil {
+			exp.ioError(err)
 			return c.done(req, err)
 		}
 		h := simpleHeader(req.handle, 0)
@@ -911,6 +918,7 @@ func (c *conn) read(b Backend, req request) error {
 		}
 		p := buf[r.off-int64(req.offset):][:r.n]
 		if _, err := readFull(b, p, r.off); err != nil {
+			exp.ioError(err)
 			// Chunks already built are dropped: one error chunk is a
 			// complete, valid answer.
 			return c.structuredError(req, errorCode(err), err.Error())
@@ -930,7 +938,7 @@ func (c *conn) read(b Backend, req request) error {
 // readSpliced answers READ from a FileReader through a pipe (see
 // splice.go). It reports false, having sent nothing, when the request must
 // be copied instead.
-func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
+func (c *conn) readSpliced(exp *export, fr FileReader, req request) (bool, error) {
 	p := c.pipes.get(int(req.length))
 	if p == nil {
 		return false, nil
@@ -984,6 +992,7 @@ func (c *conn) readSpliced(fr FileReader, req request) (bool, error) {
 			c.pipes.disable()
 			return false, nil
 		}
+		exp.ioError(err)
 		return true, c.done(req, err)
 	}
 	if !c.structured {

@@ -45,6 +45,9 @@ type AttachOptions struct {
 	// export is added at attach and removed when the volume lets go of
 	// its device. Nil gives the volume a server of its own.
 	Server *nbd.Server
+	// OnIOError, when set, is told of every error the volume's image
+	// returns to a request (nbd.Export.OnIOError); it must not block.
+	OnIOError func(error)
 }
 
 // nbdOptions translates to pkg/nbd's options; the volume's export is named
@@ -118,7 +121,7 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 	if v.att != nil {
 		return fmt.Errorf("%s %s: already attached to %s", verb, v.path, v.att.Path())
 	}
-	srv, err := v.exportTo(opts.Server, no.Export)
+	srv, err := v.exportTo(opts.Server, no.Export, opts.OnIOError)
 	if err != nil {
 		return err
 	}

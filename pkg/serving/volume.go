@@ -197,14 +197,14 @@ func (v *Volume) description() string { return string(v.kind) + " image " + v.pa
 
 // newServer gives the volume an NBD server of its own.
 func (v *Volume) newServer(export string) (*nbd.Server, error) {
-	return v.exportTo(nil, export)
+	return v.exportTo(nil, export, nil)
 }
 
 // exportTo is the one place where a volume becomes an NBD export: of
 // shared, or of a new server when shared is nil. A panic in the export's
 // request path fails only this volume (see Failed).
-func (v *Volume) exportTo(shared *nbd.Server, export string) (*nbd.Server, error) {
-	exp := nbd.Export{Name: export, Description: v.description(), Backend: v.disk, ReadOnly: v.readOnly,
+func (v *Volume) exportTo(shared *nbd.Server, export string, onIOError func(error)) (*nbd.Server, error) {
+	exp := nbd.Export{Name: export, Description: v.description(), Backend: v.disk, ReadOnly: v.readOnly, OnIOError: onIOError,
 		OnFailure: func(err error) {
 			klog.ErrorS(err, "serving: volume failed: its device returns I/O errors until it is detached", "path", v.path, "export", export)
 		}}
