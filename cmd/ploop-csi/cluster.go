@@ -22,14 +22,12 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"github.com/ploop-csi/ploop-csi/pkg/api/v1alpha1"
-	"github.com/ploop-csi/ploop-csi/pkg/attachments"
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/clustercatalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
 	"github.com/ploop-csi/ploop-csi/pkg/metrics"
 	"github.com/ploop-csi/ploop-csi/pkg/nodeagent"
 	"github.com/ploop-csi/ploop-csi/pkg/orphans"
-	"github.com/ploop-csi/ploop-csi/pkg/simfs"
 )
 
 // leaderElectionID names the Lease the controller replicas compete for.
@@ -229,56 +227,6 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 	}
 	log.Info("stopped; attached volumes stay attached for the next start")
 	return nil
-}
-
-// openNodeStorage opens what a node plugin serves, in the order serve
-// uses for mode all: the simfs root, the attachments (recovering what was
-// attached), the catalogue. close undoes it without detaching anything.
-func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs attachments.Observer, dcfg *driver.Config) (*catalog.Catalog, func() error, error) {
-	var closers []func() error
-	closeAll := func() error {
-		var errs []error
-		for i := len(closers) - 1; i >= 0; i-- {
-			errs = append(errs, closers[i]())
-		}
-		return errors.Join(errs...)
-	}
-	dirs, err := catalog.OpenSimfs(o.storageRoot, simfs.Options{})
-	switch {
-	case errors.Is(err, catalog.ErrUnavailable) || errors.Is(err, catalog.ErrInvalid):
-		return nil, nil, err
-	case err != nil:
-		klog.Background().Error(err, "simfs volumes are refused until the simfs root can be opened")
-		dirs = nil
-	default:
-		closers = append(closers, dirs.Close)
-	}
-	node, err := newNode(ctx, nodeConfig{
-		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
-		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
-		Observer: obs,
-	})
-	if err != nil {
-		closeAll()
-		return nil, nil, fmt.Errorf("start the node's attachments: %w", err)
-	}
-	closers = append(closers, node.Close)
-	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
-	if err != nil {
-		closeAll()
-		return nil, nil, err
-	}
-	closers = append(closers, cat.Close)
-	dcfg.Node = node
-	if o.kubeletDir != "" {
-		dcfg.PathPrefixes = []string{o.kubeletDir}
-	}
-	tidy := o.tidyInterval
-	if tidy == 0 {
-		tidy = -1
-	}
-	dcfg.TidyInterval = tidy
-	return cat, closeAll, nil
 }
 
 // inClusterNamespace is the pod's namespace, for the leader election

@@ -24,6 +24,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/ploop-csi/ploop-csi/pkg/api/v1alpha1"
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
 	"github.com/ploop-csi/ploop-csi/test/e2e/kubeapi"
@@ -141,11 +142,7 @@ func TestClusterModes(t *testing.T) {
 	if err := srv.InstallCRDs(ctx, filepath.Join("..", "..", "charts", "ploop-csi", "crds", "*.yaml")); err != nil {
 		t.Fatal(err)
 	}
-	sch, err := scheme()
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := client.New(srv.Config(), client.Options{Scheme: sch})
+	c, _, err := srv.Client(v1alpha1.AddToScheme)
 	if err != nil {
 		t.Fatal(err)
 	}

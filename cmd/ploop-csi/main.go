@@ -39,6 +39,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/ploop-csi/ploop-csi/pkg/attachments"
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
 	"github.com/ploop-csi/ploop-csi/pkg/orphans"
@@ -205,60 +206,18 @@ func run(ctx context.Context, stop func(), args []string, stdout, stderr io.Writ
 func serve(ctx context.Context, stop func(), o options, ver, sock string, newNode newNodeFunc) (err error) {
 	log := klog.Background().WithName("ploop-csi")
 	log.Info("starting", "version", ver, "node", o.nodeID, "root", o.storageRoot, "endpoint", sock)
-	var prefixes []string
-	if o.kubeletDir != "" {
-		prefixes = []string{o.kubeletDir}
-	}
-	// One simfs root for the whole process, shared by the attachments and
-	// the catalogue: simfs.Open takes no lock, so a Root each would not
-	// serialise their changes to the same volumes.
-	dirs, err := catalog.OpenSimfs(o.storageRoot, simfs.Options{})
-	switch {
-	case errors.Is(err, catalog.ErrUnavailable) || errors.Is(err, catalog.ErrInvalid):
-		return err // the root itself is unusable
-	case err != nil:
-		// ploop volumes must still be recovered and served.
-		log.Error(err, "simfs volumes are refused until the simfs root can be opened")
-		dirs = nil
-	default:
-		defer func() {
-			if cerr := dirs.Close(); cerr != nil {
-				err = errors.Join(err, fmt.Errorf("close the simfs root: %w", cerr))
-			}
-		}()
-	}
-	// The attachments next, before the catalogue touches any stack: their
-	// recovery re-serves attached volumes, which the kernel holds only for
-	// the dead-connection timeout.
-	node, err := newNode(ctx, nodeConfig{
-		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
-		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
-	})
-	if err != nil {
-		return fmt.Errorf("start the node's attachments: %w", err)
-	}
-	defer func() {
-		if cerr := node.Close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("close the node's attachments: %w", cerr))
-		}
-	}()
-	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
+	dcfg := driver.Config{Name: o.driverName, Version: ver, NodeID: o.nodeID, Mode: driver.ModeAll, ShutdownTimeout: o.shutdownTimeout}
+	cat, closeStorage, err := openNodeStorage(ctx, o, newNode, nil, &dcfg)
 	if err != nil {
 		return err
 	}
 	defer func() {
-		if cerr := cat.Close(); cerr != nil {
-			err = errors.Join(err, fmt.Errorf("close the catalogue: %w", cerr))
+		if cerr := closeStorage(); cerr != nil {
+			err = errors.Join(err, cerr)
 		}
 	}()
-	tidy := o.tidyInterval
-	if tidy == 0 {
-		tidy = -1 // the flag's 0 is "off"; the driver's 0 is its default
-	}
-	d, err := driver.New(driver.Config{
-		Name: o.driverName, Version: ver, NodeID: o.nodeID, Mode: driver.ModeAll,
-		Catalog: cat, Node: node, PathPrefixes: prefixes, TidyInterval: tidy, ShutdownTimeout: o.shutdownTimeout,
-	})
+	dcfg.Catalog = cat
+	d, err := driver.New(dcfg)
 	if err != nil {
 		return err
 	}
@@ -280,4 +239,74 @@ func serve(ctx context.Context, stop func(), o options, ver, sock string, newNod
 	}
 	log.Info("stopped; attached volumes stay attached for the next start")
 	return nil
+}
+
+// openNodeStorage opens what a node serves, in an order that matters:
+// one simfs root for the whole process, shared by the attachments and the
+// catalogue (simfs.Open takes no lock, so a Root each would not serialise
+// their changes to the same volumes); then the attachments, before the
+// catalogue touches any stack, since their recovery re-serves attached
+// volumes, which the kernel holds only for the dead-connection timeout;
+// then the catalogue. It fills in dcfg's node, path prefixes and tidy
+// interval. close undoes it all without detaching anything.
+func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs attachments.Observer, dcfg *driver.Config) (*catalog.Catalog, func() error, error) {
+	var closers []func() error
+	closeAll := func() error {
+		var errs []error
+		for i := len(closers) - 1; i >= 0; i-- {
+			errs = append(errs, closers[i]())
+		}
+		return errors.Join(errs...)
+	}
+	dirs, err := catalog.OpenSimfs(o.storageRoot, simfs.Options{})
+	switch {
+	case errors.Is(err, catalog.ErrUnavailable) || errors.Is(err, catalog.ErrInvalid):
+		return nil, nil, err // the root itself is unusable
+	case err != nil:
+		// ploop volumes must still be recovered and served.
+		klog.Background().Error(err, "simfs volumes are refused until the simfs root can be opened")
+		dirs = nil
+	default:
+		closers = append(closers, func() error {
+			if err := dirs.Close(); err != nil {
+				return fmt.Errorf("close the simfs root: %w", err)
+			}
+			return nil
+		})
+	}
+	node, err := newNode(ctx, nodeConfig{
+		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
+		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
+		Observer: obs,
+	})
+	if err != nil {
+		closeAll()
+		return nil, nil, fmt.Errorf("start the node's attachments: %w", err)
+	}
+	closers = append(closers, func() error {
+		if err := node.Close(); err != nil {
+			return fmt.Errorf("close the node's attachments: %w", err)
+		}
+		return nil
+	})
+	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
+	if err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	closers = append(closers, func() error {
+		if err := cat.Close(); err != nil {
+			return fmt.Errorf("close the catalogue: %w", err)
+		}
+		return nil
+	})
+	dcfg.Node = node
+	if o.kubeletDir != "" {
+		dcfg.PathPrefixes = []string{o.kubeletDir}
+	}
+	dcfg.TidyInterval = o.tidyInterval
+	if dcfg.TidyInterval == 0 {
+		dcfg.TidyInterval = -1 // the flag's 0 is "off"; the driver's 0 is its default
+	}
+	return cat, closeAll, nil
 }

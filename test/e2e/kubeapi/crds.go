@@ -10,6 +10,7 @@ import (
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/discovery"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
 )
@@ -98,4 +99,21 @@ func crdsServed(ctx context.Context, c client.Client, dc discovery.DiscoveryInte
 		}
 	}
 	return true
+}
+
+// Client is a controller-runtime client of the server as its admin, with a
+// scheme of client-go's built-in kinds plus whatever adds registers (a
+// project's API types), which it also returns.
+func (s *Server) Client(adds ...func(*runtime.Scheme) error) (client.Client, *runtime.Scheme, error) {
+	scheme := runtime.NewScheme()
+	for _, add := range append([]func(*runtime.Scheme) error{clientgoscheme.AddToScheme}, adds...) {
+		if err := add(scheme); err != nil {
+			return nil, nil, err
+		}
+	}
+	c, err := client.New(s.Config(), client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, nil, fmt.Errorf("client of %s: %w", s.Config().Host, err)
+	}
+	return c, scheme, nil
 }
