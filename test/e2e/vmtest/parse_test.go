@@ -421,3 +421,25 @@ func TestGuestFailures(t *testing.T) {
 		})
 	}
 }
+
+// FuzzGuestFailures: any guest output is logged line for line, and what
+// failures() reports names only tests that printed a --- FAIL line.
+func FuzzGuestFailures(f *testing.F) {
+	f.Add("=== RUN   TestK\n=== RUN   TestK/A\n    a_test.go:1: boom\n--- FAIL: TestK (0.00s)\n    --- FAIL: TestK/A (0.00s)\nFAIL\n")
+	f.Add("=== NAME  \n--- FAIL: \n--- FAIL: x/\x00\n")
+	f.Fuzz(func(t *testing.T, out string) {
+		lines := 0
+		w := newTestLogWriter(func(...any) { lines++ })
+		w.Write([]byte(out))
+		w.flush()
+		if want := strings.Count(out, "\n"); lines < want {
+			t.Fatalf("logged %d lines of %d", lines, want)
+		}
+		for _, l := range strings.Split(w.failures(), "\n\tguest ")[1:] {
+			name, _, _ := strings.Cut(l, " failed")
+			if !strings.Contains(out, "--- FAIL: "+name) {
+				t.Fatalf("failures() names %q, which never failed", name)
+			}
+		}
+	})
+}
