@@ -101,3 +101,23 @@ func TestReport(t *testing.T) {
 		})
 	}
 }
+
+// FuzzReport: any stream (JSON events, other lines, garbage) is read
+// without a panic, and every failure listed was reported as one.
+func FuzzReport(f *testing.F) {
+	f.Add(`{"Action":"output","Package":"p","Test":"T","Output":"x\n"}` + "\n" + `{"Action":"fail","Package":"p","Test":"T"}` + "\n" + `{"Action":"fail","Package":"p"}` + "\n")
+	f.Add("not json\n{\"Action\":\"build-fail\",\"Package\":\"q\"}\n{")
+	f.Fuzz(func(t *testing.T, in string) {
+		var out strings.Builder
+		r := newReport(&out)
+		if err := r.read(strings.NewReader(in)); err != nil {
+			return // a line longer than the scanner takes
+		}
+		r.summary()
+		for _, fl := range r.failures {
+			if !strings.Contains(in, fl.pkg) {
+				t.Fatalf("failure of package %q, which the input never names", fl.pkg)
+			}
+		}
+	})
+}
