@@ -51,6 +51,20 @@
 // Either way a timeout does not fail the request; what fails requests is
 // DEAD_CONN_TIMEOUT running out while no connection is alive.
 //
+// A request the kernel itself loses: the thread that submits a request
+// sends it on the socket, and a signal that interrupts a send after part
+// of it went out makes 6.1 requeue the request (NBD_CMD_REQUEUED) although
+// its handle already reached the server, whose reply then finds nothing.
+// Upstream fixed it ("nbd: fix partial sending", later kernels send the
+// rest from a work item); Debian's 6.1.192 nbd.ko has neither fix. Seen
+// once in the power-loss test (Go writers, whose threads get preemption
+// signals; two connections and a 10-minute timeout): the workload stalled
+// until "Connection timed out, retrying" resent the write 10 minutes
+// later, and the server held no request meanwhile. With one connection
+// and timeout 0 the kernel would re-arm its timer for ever. Writers in a
+// pod (O_DIRECT, or fsync writing back in the caller's thread) can hit it
+// too; the cure is the kernel's.
+//
 // A resent request may still be running here, and its first copy could
 // land after a newer write to the same block. Two things prevent that:
 //
