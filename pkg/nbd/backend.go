@@ -60,7 +60,9 @@
 // once in the power-loss test (Go writers, whose threads get preemption
 // signals; two connections and a 10-minute timeout): the workload stalled
 // until "Connection timed out, retrying" resent the write 10 minutes
-// later, and the server held no request meanwhile. With one connection
+// later; that this bug, not the server, held it is likely but unproven
+// (the test now dumps every stack after a minute without progress). With
+// one connection
 // and timeout 0 the kernel would re-arm its timer for ever. Writers in a
 // pod (O_DIRECT, or fsync writing back in the caller's thread) can hit it
 // too; the cure is the kernel's.
