@@ -11,10 +11,10 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
-	"time"
 
 	"golang.org/x/mod/modfile"
+
+	"github.com/ploop-csi/ploop-csi/test/e2e/cachedbin"
 )
 
 // KubernetesVersion is the kube-apiserver the tests run: the minor of the
@@ -59,66 +59,11 @@ func findEtcd() (string, error) {
 	return "", fmt.Errorf("no etcd in PATH or at %s: install Debian's etcd-server (see .ci/deps)", strings.Join(etcdCandidates, ", "))
 }
 
-// cacheDir is vmtest's: $PLOOP_CSI_CACHE, else $XDG_CACHE_HOME/ploop-csi,
-// else ~/.cache/ploop-csi, else a per-user directory under the temp dir.
-func cacheDir() string {
-	if d := os.Getenv("PLOOP_CSI_CACHE"); d != "" {
-		return d
-	}
-	if d := os.Getenv("XDG_CACHE_HOME"); d != "" {
-		return filepath.Join(d, "ploop-csi")
-	}
-	if home, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(home, ".cache", "ploop-csi")
-	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("ploop-csi-cache-%d", os.Getuid()))
-}
-
 // kubeAPIServer returns the cached kube-apiserver of KubernetesVersion,
-// building it first if needed. The binary only ever appears in the cache by
-// a rename, so a build killed half way leaves nothing that looks usable.
+// building it first if needed. Its lock is its own, not vmtest's: a VM test
+// preparing its kernel must not wait for a ten-minute compile.
 func kubeAPIServer(ctx context.Context, logf func(string, ...any)) (string, error) {
-	dir := filepath.Join(cacheDir(), "kube", KubernetesVersion)
-	bin := filepath.Join(dir, "kube-apiserver")
-	if isExecutable(bin) {
-		return bin, nil
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return "", fmt.Errorf("create cache dir: %w", err)
-	}
-	// Its own lock, not vmtest's: a VM test preparing its kernel must not
-	// wait for a ten-minute compile.
-	unlock, err := lockFile(filepath.Join(cacheDir(), "kube", ".lock"))
-	if err != nil {
-		return "", err
-	}
-	defer unlock()
-	if isExecutable(bin) { // built by another process while we waited
-		return bin, nil
-	}
-	// Builds run only under the lock, so any build dir now is a killed one's.
-	if old, err := filepath.Glob(filepath.Join(dir, ".build-*")); err == nil {
-		for _, d := range old {
-			os.RemoveAll(d)
-		}
-	}
-
-	work, err := os.MkdirTemp(dir, ".build-")
-	if err != nil {
-		return "", fmt.Errorf("create build dir: %w", err)
-	}
-	defer os.RemoveAll(work)
-	logf("kubeapi: building kube-apiserver %s from the Go module proxy into %s (minutes on a cold cache)", KubernetesVersion, dir)
-	start := time.Now()
-	tmp := filepath.Join(work, "kube-apiserver")
-	if err := buildKubeAPIServer(ctx, work, tmp); err != nil {
-		return "", fmt.Errorf("build kube-apiserver %s: %w", KubernetesVersion, err)
-	}
-	if err := os.Rename(tmp, bin); err != nil {
-		return "", fmt.Errorf("install kube-apiserver in cache: %w", err)
-	}
-	logf("kubeapi: built kube-apiserver %s in %s", KubernetesVersion, time.Since(start).Round(time.Second))
-	return bin, nil
+	return cachedbin.Get(ctx, "kube", KubernetesVersion, "kube-apiserver", buildKubeAPIServer, logf)
 }
 
 // buildKubeAPIServer compiles cmd/kube-apiserver into out from a module
@@ -259,24 +204,6 @@ func goCommand(ctx context.Context, dir, name string, args ...string) ([]byte, e
 		return nil, fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, tail(stderr.Bytes(), 3000))
 	}
 	return out, nil
-}
-
-func isExecutable(p string) bool {
-	st, err := os.Stat(p)
-	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 && st.Size() > 0
-}
-
-// lockFile takes an exclusive flock, blocking until other holders finish.
-func lockFile(path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open cache lock: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return func() { f.Close() }, nil
 }
 
 // tail is the end of b, at most n bytes, from a line start where possible.
