@@ -1,0 +1,256 @@
+package chart
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/discovery/cached/memory"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/restmapper"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"github.com/ploop-csi/ploop-csi/test/e2e/kubeapi"
+)
+
+// snapshotCRDModule holds the snapshot CRDs (config/crd in its module zip),
+// at the release of the csi-snapshotter and snapshot-controller images.
+const snapshotCRDModule = "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"
+
+// snapshotCRDs returns the directory of the VolumeSnapshot,
+// VolumeSnapshotContent and VolumeSnapshotClass CRDs, from the Go module
+// cache (fetched through the module proxy; the project does not depend on
+// the module).
+func snapshotCRDs(ctx context.Context, t *testing.T) string {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, "go", "mod", "download", "-json", snapshotCRDModule)
+	cmd.Dir = t.TempDir() // outside the project's module
+	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=mod")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("go mod download %s: %v\n%s", snapshotCRDModule, err, stderr.String())
+	}
+	var info struct{ Dir, Error string }
+	if err := json.Unmarshal(out, &info); err != nil || info.Error != "" || info.Dir == "" {
+		t.Fatalf("go mod download %s: %v %q", snapshotCRDModule, err, info.Error)
+	}
+	return filepath.Join(info.Dir, "config", "crd")
+}
+
+type apiCluster struct {
+	srv    *kubeapi.Server
+	dyn    dynamic.Interface
+	mapper meta.RESTMapper
+	// kinds whose CRDs are not installed: their objects are skipped, with
+	// the reason.
+	skipKinds map[string]string
+}
+
+// startCluster runs a kube-apiserver with the project's and the snapshot
+// CRDs and the test namespace.
+func startCluster(t *testing.T) *apiCluster {
+	t.Helper()
+	srv := kubeapi.StartT(t, kubeapi.Options{})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := srv.InstallCRDs(ctx, crdDir+"/*.yaml"); err != nil {
+		t.Fatal(err)
+	}
+	// The group snapshot CRDs in the same directory are not a prerequisite
+	// of the chart: only the three the snapshotter and the classes use.
+	if err := srv.InstallCRDs(ctx, snapshotCRDs(ctx, t)+"/snapshot.storage.k8s.io_*.yaml"); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := kubernetes.NewForConfig(srv.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: namespace}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	dyn, err := dynamic.NewForConfig(srv.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dc, err := discovery.NewDiscoveryClientForConfig(srv.Config())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &apiCluster{
+		srv: srv, dyn: dyn,
+		mapper: restmapper.NewDeferredDiscoveryRESTMapper(memory.NewMemCacheClient(dc)),
+		skipKinds: map[string]string{
+			"ServiceMonitor": "no source of the Prometheus Operator's CRD is at hand (its Go module carries the types, not the CRD)",
+		},
+	}
+}
+
+// dryRun sends obj to the server as a create with server-side dry run and
+// strict field validation: every admission and validation step runs, an
+// unknown or duplicated field is an error, and nothing is stored.
+func (c *apiCluster) dryRun(ctx context.Context, obj *unstructured.Unstructured) error {
+	gvk := obj.GroupVersionKind()
+	m, err := c.mapper.RESTMapping(gvk.GroupKind(), gvk.Version)
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", gvk, obj.GetName(), err)
+	}
+	var ri dynamic.ResourceInterface = c.dyn.Resource(m.Resource)
+	if m.Scope.Name() == meta.RESTScopeNameNamespace {
+		if obj.GetNamespace() == "" {
+			return fmt.Errorf("%s %s is namespaced but names no namespace", gvk.Kind, obj.GetName())
+		}
+		ri = c.dyn.Resource(m.Resource).Namespace(obj.GetNamespace())
+	} else if obj.GetNamespace() != "" {
+		return fmt.Errorf("%s %s is cluster-scoped but names namespace %s", gvk.Kind, obj.GetName(), obj.GetNamespace())
+	}
+	_, err = ri.Create(ctx, obj, metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}, FieldValidation: metav1.FieldValidationStrict})
+	if err != nil {
+		return fmt.Errorf("%s %s: %w", gvk.Kind, obj.GetName(), err)
+	}
+	return nil
+}
+
+// TestServerDryRun: a real kube-apiserver accepts every object of every
+// combination, and of deploy/.
+func TestServerDryRun(t *testing.T) {
+	c := startCluster(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	check := func(t *testing.T, objs []*unstructured.Unstructured) {
+		if len(objs) == 0 {
+			t.Fatal("no objects")
+		}
+		for _, o := range objs {
+			if why, skip := c.skipKinds[o.GetKind()]; skip {
+				t.Logf("%s %s not checked: %s", o.GetKind(), o.GetName(), why)
+				continue
+			}
+			if err := c.dryRun(ctx, o); err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	for _, cb := range combos {
+		t.Run(cb.name, func(t *testing.T) { check(t, render(t, helmbin3, cb)) })
+	}
+	// deploy/ is rendered for kube-system, which every API server has. Its
+	// CRDs are the chart's crds/ (make check-deploy keeps them equal), and
+	// installed already.
+	t.Run("deploy", func(t *testing.T) {
+		b, err := os.ReadFile(deployFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		objs, err := parseObjects(string(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rest []*unstructured.Unstructured
+		crds := 0
+		for _, o := range objs {
+			if o.GetKind() == "CustomResourceDefinition" {
+				crds++
+				continue
+			}
+			if ns := o.GetNamespace(); ns != "" && ns != "kube-system" {
+				t.Errorf("deploy/: %s %s in namespace %s, want kube-system", o.GetKind(), o.GetName(), ns)
+			}
+			rest = append(rest, o)
+		}
+		if crds != 2 {
+			t.Errorf("deploy/ has %d CRDs, want PloopVolume's and PloopSnapshot's", crds)
+		}
+		check(t, rest)
+	})
+	// A dry run that would pass anything proves nothing: an object with a
+	// wrong field must be refused.
+	t.Run("refuses", func(t *testing.T) {
+		for name, mutate := range map[string]func(*unstructured.Unstructured){
+			"unknown field": func(u *unstructured.Unstructured) {
+				_ = unstructured.SetNestedField(u.Object, true, "spec", "attachRequiredd")
+			},
+			"bad value": func(u *unstructured.Unstructured) {
+				_ = unstructured.SetNestedField(u.Object, "Sometimes", "spec", "fsGroupPolicy")
+			},
+		} {
+			obj := find(render(t, helmbin3, combos[0]), "CSIDriver", "csi.ploop.io").DeepCopy()
+			mutate(obj)
+			err := c.dryRun(ctx, obj)
+			if err == nil || !(apierrors.IsInvalid(err) || apierrors.IsBadRequest(err)) {
+				t.Errorf("%s: the server answered %v, want a validation error", name, err)
+			}
+		}
+	})
+}
+
+// TestHelmInstall installs and uninstalls the chart for real with each
+// Helm, as the README says, against the API server: Helm's own checks
+// (ownership, the CRDs in crds/, NOTES.txt) run too. No controllers or
+// kubelets run there, so nothing starts; the objects are only stored.
+func TestHelmInstall(t *testing.T) {
+	c := startCluster(t)
+	kubeconfig := writeKubeconfig(t, c.srv)
+	for _, v := range helms {
+		t.Run(v, func(t *testing.T) {
+			args := []string{"--kubeconfig", kubeconfig, "--namespace", namespace}
+			out, err := helm(t, v, append([]string{"install", release, chartDir}, args...)...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, want := range []string{"STATUS: deployed", "kubectl get ploopvolumes", "kubectl get csidriver csi.ploop.io"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("helm install output lacks %q:\n%s", want, out)
+				}
+			}
+			dyn := c.dyn
+			ctx := context.Background()
+			if _, err := dyn.Resource(csiDriverGVR).Get(ctx, "csi.ploop.io", metav1.GetOptions{}); err != nil {
+				t.Errorf("after helm install: %v", err)
+			}
+			if _, err := helm(t, v, append([]string{"uninstall", release}, args...)...); err != nil {
+				t.Fatal(err)
+			}
+			// The next Helm installs the same cluster-scoped objects: the
+			// uninstall must have removed them.
+			if _, err := dyn.Resource(csiDriverGVR).Get(ctx, "csi.ploop.io", metav1.GetOptions{}); !apierrors.IsNotFound(err) {
+				t.Errorf("after helm uninstall, the CSIDriver: %v", err)
+			}
+		})
+	}
+}
+
+var csiDriverGVR = schema.GroupVersionResource{Group: "storage.k8s.io", Version: "v1", Resource: "csidrivers"}
+
+// writeKubeconfig writes the admin's credentials for helm.
+func writeKubeconfig(t *testing.T, srv *kubeapi.Server) string {
+	t.Helper()
+	rc := srv.Config()
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["test"] = &clientcmdapi.Cluster{Server: rc.Host, CertificateAuthorityData: rc.CAData}
+	cfg.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: rc.CertData, ClientKeyData: rc.KeyData}
+	cfg.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "admin"}
+	cfg.CurrentContext = "test"
+	p := filepath.Join(t.TempDir(), "kubeconfig")
+	if err := clientcmd.WriteToFile(*cfg, p); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
