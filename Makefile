@@ -23,7 +23,7 @@ FUZZTIME  ?= 5s
 # PLOOP_CSI_VM_MEM=4096 (MiB), PLOOP_CSI_VM_CPUS=2, PLOOP_CSI_VM_ACCEL=tcg|kvm.
 CMD       ?= uname -a
 
-.PHONY: all build test unit race fuzz-short lint generate check-generated deploy check-deploy bench demo vm clean deps
+.PHONY: all build image test unit race fuzz-short lint generate check-generated deploy check-deploy bench demo vm clean deps
 
 all: build
 
@@ -32,6 +32,13 @@ VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo de
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/...
+
+# The container image as an OCI layout tarball, without a Docker daemon:
+# Debian 12 packages (downloaded once into $$PLOOP_CSI_CACHE/image) and the
+# static binaries. It prints the image digest; `ctr -n k8s.io images import`
+# reads the file. `docker build .` builds the equivalent.
+image:
+	$(GO) run ./test/e2e/cmd/imagebuild -o $(BIN)/ploop-csi-image.tar -version $(VERSION)
 
 # Everything CI proves: lint, unit + interop tests on the host, short fuzzing,
 # and the kernel-facing tests, which boot a VM from test/e2e.
