@@ -4,7 +4,9 @@
 # packages, binaries, paths, user, labels and entrypoint (a test in
 # internal/containerimage compares them). This image also has the rest of
 # debian:bookworm-slim (bash, apt, dpkg) and xfsprogs' python3 dependency,
-# which the daemonless build leaves out.
+# which the daemonless build leaves out. dash and coreutils, which the
+# daemonless build adds for the xfsprogs shell scripts, are in every Debian
+# image already.
 
 # The Go of go.mod's go line.
 ARG GO_VERSION=1.26

@@ -16,8 +16,14 @@ import (
 // runs: mkfs.ext4, e2fsck, resize2fs (e2fsprogs); mkfs.xfs, xfs_growfs,
 // xfs_admin (xfsprogs); blkid, losetup (util-linux); mount, umount (mount);
 // modprobe (kmod); setquota, repquota (quota). base-files lays out the
-// directory tree (/tmp with its sticky bit, /etc/os-release).
-var RuntimePackages = []string{"base-files", "e2fsprogs", "xfsprogs", "util-linux", "mount", "kmod", "quota"}
+// directory tree (/tmp with its sticky bit, /etc/os-release). xfs_admin,
+// xfs_info, xfs_freeze and fsck.xfs are /bin/sh scripts that call expr,
+// dirname, basename and cat: hence dash and coreutils.
+var RuntimePackages = []string{"base-files", "dash", "coreutils", "e2fsprogs", "xfsprogs", "util-linux", "mount", "kmod", "quota"}
+
+// Essential are the RuntimePackages every Debian image has already, which
+// the Dockerfile need not install.
+var Essential = []string{"base-files", "dash", "coreutils"}
 
 // skippedDependencies are dependencies left out of the closure on purpose.
 // Maintainer scripts never run in this image (see rootfsLayer), so what
@@ -33,6 +39,8 @@ var skippedDependencies = map[string]string{
 	"lsb-base":            "quota's init script, which nothing starts in a container",
 	"sysvinit-utils":      "quota's init script, which nothing starts in a container",
 	"awk":                 "base-files' maintainer scripts",
+	"dpkg":                "dash's maintainer scripts (diversions)",
+	"debianutils":         "dash's maintainer scripts (add-shell)",
 }
 
 // Package is one Debian binary package at the version apt would install.
@@ -211,50 +219,64 @@ func candidateVersions(ctx context.Context, names []string) ([]Package, error) {
 }
 
 // DownloadPackages makes sure dir holds each package's .deb, named
-// NAME=VERSION_ARCH.deb, downloading the missing ones with apt-get, and
-// returns their paths in the order of pkgs. A file appears only by a
-// rename, so an interrupted download leaves nothing that looks complete.
+// NAME=VERSION_ARCH.deb, downloading the missing ones with one apt-get
+// call, and returns their paths in the order of pkgs. A file appears only
+// by a rename, so an interrupted download leaves nothing that looks
+// complete.
 func DownloadPackages(ctx context.Context, dir string, pkgs []Package) ([]string, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("create the package cache: %w", err)
 	}
 	paths := make([]string, len(pkgs))
+	missing := map[string]string{} // NAME=VERSION -> its path in the cache
+	var args []string
 	for i, p := range pkgs {
-		dst := filepath.Join(dir, fmt.Sprintf("%s=%s_%s.deb", p.Name, p.Version, p.Architecture))
-		paths[i] = dst
-		if _, err := os.Stat(dst); err == nil {
-			continue
-		}
-		tmp, err := os.MkdirTemp(dir, ".download-")
-		if err != nil {
-			return nil, fmt.Errorf("download %s: %w", p, err)
-		}
-		err = downloadOne(ctx, tmp, p, dst)
-		os.RemoveAll(tmp)
-		if err != nil {
-			return nil, err
+		paths[i] = filepath.Join(dir, fmt.Sprintf("%s=%s_%s.deb", p.Name, p.Version, p.Architecture))
+		if _, err := os.Stat(paths[i]); err != nil {
+			missing[p.String()] = paths[i]
+			args = append(args, p.String())
 		}
 	}
-	return paths, nil
-}
-
-func downloadOne(ctx context.Context, tmp string, p Package, dst string) error {
+	if len(missing) == 0 {
+		return paths, nil
+	}
+	tmp, err := os.MkdirTemp(dir, ".download-")
+	if err != nil {
+		return nil, fmt.Errorf("download packages: %w", err)
+	}
+	defer os.RemoveAll(tmp)
 	// apt drops privileges to _apt for downloads, which then cannot
 	// write into a root-owned temporary directory.
 	if err := os.Chmod(tmp, 0o777); err != nil {
-		return fmt.Errorf("download %s: %w", p, err)
+		return nil, fmt.Errorf("download packages: %w", err)
 	}
-	if _, err := runTool(ctx, tmp, "apt-get", "download", "-q", p.Name+"="+p.Version); err != nil {
-		return fmt.Errorf("download %s: %w", p, err)
+	if _, err := runTool(ctx, tmp, "apt-get", append([]string{"download", "-q"}, args...)...); err != nil {
+		return nil, fmt.Errorf("download packages: %w", err)
 	}
 	debs, err := filepath.Glob(filepath.Join(tmp, "*.deb"))
-	if err != nil || len(debs) != 1 {
-		return fmt.Errorf("download %s: apt-get left %d .deb files, want 1", p, len(debs))
+	if err != nil {
+		return nil, fmt.Errorf("download packages: %w", err)
 	}
-	if err := os.Rename(debs[0], dst); err != nil {
-		return fmt.Errorf("download %s: %w", p, err)
+	// apt-get names files with the version's ':' escaped; the package's
+	// own control fields say which is which.
+	for _, deb := range debs {
+		out, err := runTool(ctx, "", "dpkg-deb", "--show", "--showformat=${Package}=${Version}", deb)
+		if err != nil {
+			return nil, fmt.Errorf("download packages: %w", err)
+		}
+		dst, ok := missing[strings.TrimSpace(string(out))]
+		if !ok {
+			return nil, fmt.Errorf("download packages: apt-get gave %s (%s), which was not asked for", filepath.Base(deb), out)
+		}
+		if err := os.Rename(deb, dst); err != nil {
+			return nil, fmt.Errorf("download packages: %w", err)
+		}
+		delete(missing, strings.TrimSpace(string(out)))
 	}
-	return nil
+	if len(missing) > 0 {
+		return nil, fmt.Errorf("download packages: apt-get did not download %d of them: %v", len(missing), missing)
+	}
+	return paths, nil
 }
 
 // runTool runs a program and returns its standard output; the error

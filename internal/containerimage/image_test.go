@@ -110,7 +110,8 @@ func TestBuild(t *testing.T) {
 	}
 	// The programs the node plugin and mount-utils run, as PATH finds them.
 	for _, tool := range []string{"mkfs.ext4", "mkfs.xfs", "mount", "umount", "blkid", "losetup", "modprobe",
-		"e2fsck", "resize2fs", "xfs_growfs", "xfs_admin", "setquota", "repquota"} {
+		"e2fsck", "resize2fs", "xfs_growfs", "xfs_admin", "xfs_info", "fsck", "fsck.ext4", "fsck.xfs",
+		"setquota", "repquota", "sh", "expr"} {
 		if lookPath(files, tool) == "" {
 			t.Errorf("%s is not in the image's PATH", tool)
 		}
@@ -148,6 +149,10 @@ func TestBuild(t *testing.T) {
 		{[]string{"/usr/sbin/mkfs.ext4", "-V"}, 0, "mke2fs 1.47"},
 		{[]string{"/sbin/mkfs.xfs", "-V"}, 0, "mkfs.xfs version"},
 		{[]string{"/usr/sbin/xfs_growfs", "-V"}, 0, "xfs_growfs version"},
+		// Shell scripts: /bin/sh and what they call must be there.
+		{[]string{"/usr/sbin/xfs_admin", "-V"}, 0, "xfs_admin version"},
+		{[]string{"/usr/sbin/xfs_info", "-V"}, 0, "xfs_info version"},
+		{[]string{"/usr/sbin/xfs_freeze", "-V"}, 0, "xfs_freeze version"},
 		{[]string{"/bin/mount", "--version"}, UID, "mount from util-linux"},
 		{[]string{"/usr/sbin/blkid", "-V"}, 0, "blkid from util-linux"},
 		{[]string{"/usr/sbin/modprobe", "--version"}, 0, "kmod version"},
