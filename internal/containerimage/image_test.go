@@ -137,6 +137,16 @@ func TestBuild(t *testing.T) {
 		}
 		t.Skip("running programs inside the image needs root (chroot)")
 	}
+	// As in a container: the tools read the mount table.
+	proc := filepath.Join(root, "proc")
+	if err := syscall.Mount("proc", proc, "proc", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, ""); err != nil {
+		t.Fatalf("mount proc at %s: %v", proc, err)
+	}
+	t.Cleanup(func() {
+		if err := syscall.Unmount(proc, syscall.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", proc, err)
+		}
+	})
 	// Inside the image's root, with its own loader and libraries: proof
 	// that the userland is complete (every shared library resolves without
 	// an ld.so.cache) and that the driver is static.
@@ -157,9 +167,26 @@ func TestBuild(t *testing.T) {
 		{[]string{"/usr/sbin/blkid", "-V"}, 0, "blkid from util-linux"},
 		{[]string{"/usr/sbin/modprobe", "--version"}, 0, "kmod version"},
 		{[]string{"/usr/sbin/setquota", "-V"}, 0, "Quota utilities version"},
+		// File systems on files: the tools do their real work.
+		{[]string{"truncate", "-s", "16M", "/tmp/ext4.img"}, 0, ""},
+		{[]string{"mkfs.ext4", "-F", "-q", "/tmp/ext4.img"}, 0, ""},
+		{[]string{"truncate", "-s", "32M", "/tmp/ext4.img"}, 0, ""},
+		{[]string{"resize2fs", "/tmp/ext4.img"}, 0, "is now 32768 (1k) blocks long"},
+		{[]string{"e2fsck", "-fn", "/tmp/ext4.img"}, 0, "/tmp/ext4.img: 11/"},
+		{[]string{"truncate", "-s", "300M", "/tmp/xfs.img"}, 0, ""},
+		{[]string{"mkfs.xfs", "-q", "/tmp/xfs.img"}, 0, ""},
+		{[]string{"xfs_admin", "-l", "/tmp/xfs.img"}, 0, "label = \"\""},
 	}
 	for _, r := range runs {
-		cmd := exec.CommandContext(ctx, r.argv[0], r.argv[1:]...)
+		// Resolved inside the image, as its PATH would.
+		prog := r.argv[0]
+		if !strings.HasPrefix(prog, "/") {
+			if prog = lookPath(files, prog); prog == "" {
+				t.Errorf("%s is not in the image", r.argv[0])
+				continue
+			}
+		}
+		cmd := exec.CommandContext(ctx, prog, r.argv[1:]...)
 		cmd.Dir = "/"
 		cmd.Env = []string{"PATH=" + Path}
 		cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root, Credential: &syscall.Credential{Uid: r.uid, Gid: r.uid}}

@@ -81,7 +81,8 @@ func moveSymlink(orig, name, target string) string {
 // them; the binaries layer has its own), no ld.so.cache (glibc finds the
 // libraries in its default multiarch directories without it), no
 // update-alternatives links (none of the programs the driver runs is one),
-// and no dpkg database (nothing installs packages into the image).
+// and no dpkg database (nothing installs packages into the image). The
+// links that debootstrap would add (merged /usr, /etc/mtab) are added here.
 func rootfsLayer(ctx context.Context, debs []string, mtime time.Time) ([]byte, error) {
 	files := map[string]*entry{}
 	for _, deb := range debs {
@@ -95,6 +96,12 @@ func rootfsLayer(ctx context.Context, debs []string, mtime time.Time) ([]byte, e
 		}
 		files[d] = &entry{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: d, Linkname: "usr/" + d, Mode: 0o777}, from: "merged /usr"}
 	}
+	// debootstrap makes this link; libext2fs reads it (resize2fs, e2fsck
+	// refuse to work without a mount table).
+	if e, ok := files["etc/mtab"]; ok {
+		return nil, fmt.Errorf("/etc/mtab from %s is in the way of the link to the kernel's mount table", e.from)
+	}
+	files["etc/mtab"] = &entry{hdr: tar.Header{Typeflag: tar.TypeSymlink, Name: "etc/mtab", Linkname: "../proc/self/mounts", Mode: 0o777}, from: "debootstrap"}
 	return writeLayer(files, mtime)
 }
 
