@@ -82,7 +82,15 @@ func nameHash(name string) string {
 
 // apiError classifies an API server failure: the API server is how the
 // controller reaches the node, so failing to talk to it is Unavailable.
-func apiError(what string, err error) error {
+//
+// Near the caller's deadline client-go's rate limiter refuses a request it
+// could not send in time ("would exceed context deadline") before the
+// context itself ends; that, like an ended context, is the deadline, which
+// the CO retries as such.
+func apiError(ctx context.Context, what string, err error) error {
+	if ctx.Err() != nil || strings.Contains(err.Error(), "would exceed context deadline") {
+		return fmt.Errorf("%s: %w (%v)", what, context.DeadlineExceeded, err)
+	}
 	return fmt.Errorf("%s: %w: %w", what, catalog.ErrUnavailable, err)
 }
 
@@ -115,7 +123,7 @@ func (c *Catalog) CreateVolumeOn(ctx context.Context, node string, req catalog.V
 			if apierrors.IsInvalid(err) {
 				return catalog.Volume{}, fmt.Errorf("create volume %q: %w: %w", req.Name, catalog.ErrInvalid, err)
 			}
-			return catalog.Volume{}, apiError(fmt.Sprintf("create volume %q", req.Name), err)
+			return catalog.Volume{}, apiError(ctx, fmt.Sprintf("create volume %q", req.Name), err)
 		}
 	} else if diff := specDiff(vol.Spec, want); diff != "" {
 		return catalog.Volume{}, fmt.Errorf("create volume %q: volume %s exists with other parameters (%s): %w", req.Name, vol.Name, diff, catalog.ErrExists)
@@ -176,7 +184,7 @@ func specDiff(have, want v1alpha1.PloopVolumeSpec) string {
 func (c *Catalog) volumeByName(ctx context.Context, name string) (*v1alpha1.PloopVolume, error) {
 	var list v1alpha1.PloopVolumeList
 	if err := c.r.List(ctx, &list, client.MatchingLabels{NameLabel: nameHash(name)}); err != nil {
-		return nil, apiError(fmt.Sprintf("find volume %q", name), err)
+		return nil, apiError(ctx, fmt.Sprintf("find volume %q", name), err)
 	}
 	for i := range list.Items {
 		if list.Items[i].Spec.Name == name && list.Items[i].DeletionTimestamp.IsZero() {
@@ -203,7 +211,7 @@ func (c *Catalog) waitVolume(ctx context.Context, id string, gen int64, dropFail
 			if apierrors.IsNotFound(err) {
 				return catalog.Volume{}, fmt.Errorf("volume %s: %w", id, catalog.ErrNotFound)
 			}
-			return catalog.Volume{}, apiError("read volume "+id, err)
+			return catalog.Volume{}, apiError(ctx, "read volume "+id, err)
 		}
 		st := vol.Status
 		if st.ObservedGeneration >= gen && vol.Generation == st.ObservedGeneration {
@@ -214,7 +222,7 @@ func (c *Catalog) waitVolume(ctx context.Context, id string, gen int64, dropFail
 				err := nodeError(vol.Spec.NodeName, st.Error)
 				if dropFailed && catalog.Permanent(err) {
 					if derr := c.c.Delete(ctx, &vol); derr != nil && !apierrors.IsNotFound(derr) {
-						err = errors.Join(err, apiError("drop the failed volume "+id, derr))
+						err = errors.Join(err, apiError(ctx, "drop the failed volume "+id, derr))
 					}
 				}
 				return catalog.Volume{}, err
@@ -268,7 +276,7 @@ func (c *Catalog) getVolume(ctx context.Context, id string) (*v1alpha1.PloopVolu
 		if apierrors.IsNotFound(err) {
 			return nil, fmt.Errorf("volume %s: %w", id, catalog.ErrNotFound)
 		}
-		return nil, apiError("read volume "+id, err)
+		return nil, apiError(ctx, "read volume "+id, err)
 	}
 	return &vol, nil
 }
@@ -297,7 +305,7 @@ func (c *Catalog) DeleteVolume(ctx context.Context, id string) error {
 	}
 	if vol.DeletionTimestamp.IsZero() {
 		if err := c.c.Delete(ctx, vol); err != nil && !apierrors.IsNotFound(err) {
-			return apiError("delete volume "+id, err)
+			return apiError(ctx, "delete volume "+id, err)
 		}
 	}
 	return c.waitGone(ctx, vol)
@@ -312,7 +320,7 @@ func (c *Catalog) waitGone(ctx context.Context, obj client.Object) error {
 			return nil
 		}
 		if err != nil {
-			return apiError("read "+obj.GetName(), err)
+			return apiError(ctx, "read "+obj.GetName(), err)
 		}
 		if err := c.sleep(ctx); err != nil {
 			if e := lastError(obj); e != nil {
@@ -365,8 +373,8 @@ func (c *Catalog) ExpandVolume(ctx context.Context, id string, required, limit i
 		return nil
 	})
 	if err != nil {
-		if apierrors.IsConflict(err) || apierrors.IsInvalid(err) {
-			return 0, false, apiError("expand volume "+id, err)
+		if catalog.ClassOf(err) == "" && !errors.Is(err, context.DeadlineExceeded) {
+			err = apiError(ctx, "update volume "+id, err) // the Update's own error
 		}
 		return 0, false, fmt.Errorf("expand volume %s: %w", id, err)
 	}
@@ -376,7 +384,7 @@ func (c *Catalog) ExpandVolume(ctx context.Context, id string, required, limit i
 	}
 	var vol v1alpha1.PloopVolume
 	if err := c.r.Get(ctx, client.ObjectKey{Name: id}, &vol); err != nil {
-		return 0, false, apiError("read volume "+id, err)
+		return 0, false, apiError(ctx, "read volume "+id, err)
 	}
 	return v.Size, vol.Status.NodeExpansionRequired, nil
 }
@@ -391,7 +399,7 @@ func (c *Catalog) ListVolumes(ctx context.Context, token string, max int) ([]cat
 	}
 	var list v1alpha1.PloopVolumeList
 	if err := c.r.List(ctx, &list); err != nil {
-		return nil, "", apiError("list volumes", err)
+		return nil, "", apiError(ctx, "list volumes", err)
 	}
 	slices.SortFunc(list.Items, func(a, b v1alpha1.PloopVolume) int { return strings.Compare(a.Name, b.Name) })
 	var out []catalog.Volume
@@ -426,7 +434,7 @@ func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string)
 			Spec: v1alpha1.PloopSnapshotSpec{Name: name, NodeName: src.Spec.NodeName, SourceVolume: sourceVolume},
 		}
 		if err := c.c.Create(ctx, snap); err != nil {
-			return catalog.Snapshot{}, apiError(fmt.Sprintf("create snapshot %q", name), err)
+			return catalog.Snapshot{}, apiError(ctx, fmt.Sprintf("create snapshot %q", name), err)
 		}
 	} else if snap.Spec.SourceVolume != sourceVolume {
 		return catalog.Snapshot{}, fmt.Errorf("snapshot %s exists for volume %s: %w", snap.Name, snap.Spec.SourceVolume, catalog.ErrExists)
@@ -436,7 +444,7 @@ func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string)
 			if apierrors.IsNotFound(err) {
 				return catalog.Snapshot{}, fmt.Errorf("snapshot %s: %w", snap.Name, catalog.ErrNotFound)
 			}
-			return catalog.Snapshot{}, apiError("read snapshot "+snap.Name, err)
+			return catalog.Snapshot{}, apiError(ctx, "read snapshot "+snap.Name, err)
 		}
 		if st := snap.Status; st.ObservedGeneration == snap.Generation {
 			switch st.Phase {
@@ -446,7 +454,7 @@ func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string)
 				err := nodeError(snap.Spec.NodeName, st.Error)
 				if catalog.Permanent(err) {
 					if derr := c.c.Delete(ctx, snap); derr != nil && !apierrors.IsNotFound(derr) {
-						err = errors.Join(err, apiError("drop the failed snapshot "+snap.Name, derr))
+						err = errors.Join(err, apiError(ctx, "drop the failed snapshot "+snap.Name, derr))
 					}
 				}
 				return catalog.Snapshot{}, err
@@ -461,7 +469,7 @@ func (c *Catalog) CreateSnapshot(ctx context.Context, name, sourceVolume string)
 func (c *Catalog) snapshotByName(ctx context.Context, name string) (*v1alpha1.PloopSnapshot, error) {
 	var list v1alpha1.PloopSnapshotList
 	if err := c.r.List(ctx, &list, client.MatchingLabels{NameLabel: nameHash(name)}); err != nil {
-		return nil, apiError(fmt.Sprintf("find snapshot %q", name), err)
+		return nil, apiError(ctx, fmt.Sprintf("find snapshot %q", name), err)
 	}
 	for i := range list.Items {
 		if list.Items[i].Spec.Name != name {
@@ -498,7 +506,7 @@ func (c *Catalog) getSnapshot(ctx context.Context, id string) (*v1alpha1.PloopSn
 		if apierrors.IsNotFound(err) {
 			return nil, fmt.Errorf("snapshot %s: %w", id, catalog.ErrNotFound)
 		}
-		return nil, apiError("read snapshot "+id, err)
+		return nil, apiError(ctx, "read snapshot "+id, err)
 	}
 	return &snap, nil
 }
@@ -527,7 +535,7 @@ func (c *Catalog) DeleteSnapshot(ctx context.Context, id string) error {
 	}
 	if snap.DeletionTimestamp.IsZero() {
 		if err := c.c.Delete(ctx, snap); err != nil && !apierrors.IsNotFound(err) {
-			return apiError("delete snapshot "+id, err)
+			return apiError(ctx, "delete snapshot "+id, err)
 		}
 	}
 	return c.waitGone(ctx, snap)
@@ -543,7 +551,7 @@ func (c *Catalog) ListSnapshots(ctx context.Context, f catalog.SnapshotFilter, t
 	}
 	var list v1alpha1.PloopSnapshotList
 	if err := c.r.List(ctx, &list); err != nil {
-		return nil, "", apiError("list snapshots", err)
+		return nil, "", apiError(ctx, "list snapshots", err)
 	}
 	slices.SortFunc(list.Items, func(a, b v1alpha1.PloopSnapshot) int { return strings.Compare(a.Name, b.Name) })
 	var out []catalog.Snapshot
@@ -574,7 +582,7 @@ func (c *Catalog) CapacityOn(ctx context.Context, node string, typ catalog.Type)
 		if apierrors.IsNotFound(err) {
 			return catalog.Capacity{}, nil
 		}
-		return catalog.Capacity{}, apiError("read node "+node, err)
+		return catalog.Capacity{}, apiError(ctx, "read node "+node, err)
 	}
 	v, ok := n.Annotations[v1alpha1.CapacityAnnotation+string(typ)]
 	if !ok {
@@ -593,7 +601,7 @@ func (c *Catalog) CapacityOn(ctx context.Context, node string, typ catalog.Type)
 func (c *Catalog) Capacity(ctx context.Context, typ catalog.Type) (catalog.Capacity, error) {
 	var nodes corev1.NodeList
 	if err := c.r.List(ctx, &nodes); err != nil {
-		return catalog.Capacity{}, apiError("list nodes", err)
+		return catalog.Capacity{}, apiError(ctx, "list nodes", err)
 	}
 	var sum catalog.Capacity
 	for _, n := range nodes.Items {
@@ -614,7 +622,7 @@ func (c *Catalog) Root() string { return "the nodes' storage roots, through the 
 func (c *Catalog) Health(ctx context.Context) error {
 	var list v1alpha1.PloopVolumeList
 	if err := c.r.List(ctx, &list, client.Limit(1)); err != nil {
-		return apiError("reach the API server", err)
+		return apiError(ctx, "reach the API server", err)
 	}
 	return nil
 }
