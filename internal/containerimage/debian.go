@@ -139,9 +139,9 @@ func parseDepends(out []byte) ([]string, error) {
 			}
 			open = false
 		case strings.HasPrefix(line, "    "): // a provider of the last virtual alternative
-			if len(group) > 0 {
+			if p := strings.TrimSpace(line); len(group) > 0 && p != "" {
 				g := &group[len(group)-1]
-				g.providers = append(g.providers, strings.TrimSpace(line))
+				g.providers = append(g.providers, p)
 			}
 		default:
 			l := strings.TrimSpace(line)
@@ -162,6 +162,9 @@ func parseDepends(out []byte) ([]string, error) {
 			a := alt{name: name}
 			if strings.HasPrefix(name, "<") && strings.HasSuffix(name, ">") {
 				a = alt{name: strings.Trim(name, "<>"), virtual: true}
+			}
+			if strings.TrimSpace(a.name) == "" {
+				return nil, fmt.Errorf("apt-cache depends line %q names no package", line)
 			}
 			group = append(group, a)
 			open = alternative

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"reflect"
+	"strings"
 	"testing"
 	"time"
 )
@@ -186,4 +187,23 @@ func TestWriteLayer(t *testing.T) {
 	if !bytes.Equal(data, again) {
 		t.Error("the same files gave a different layer")
 	}
+}
+
+// FuzzParseDepends: any apt-cache output is parsed without a panic, and
+// every package chosen is a name the output holds.
+func FuzzParseDepends(f *testing.F) {
+	f.Add("e2fsprogs\n  PreDepends: libblkid1\n  Depends: logsave\n  Breaks: e2fsprogs-l10n\n")
+	f.Add("x\n |Depends: <virt>\n    p1\n |Depends: real-b\n  Depends: real-c\n  Depends: libc6\n")
+	f.Add(" |Depends: <v>\n")
+	f.Fuzz(func(t *testing.T, out string) {
+		names, err := parseDepends([]byte(out))
+		if err != nil {
+			return
+		}
+		for _, n := range names {
+			if n == "" || !strings.Contains(out, n) {
+				t.Fatalf("chose %q, which the output does not name", n)
+			}
+		}
+	})
 }
