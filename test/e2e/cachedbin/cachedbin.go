@@ -47,7 +47,7 @@ func Get(ctx context.Context, tool, version, name string, build BuildFunc, logf 
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", fmt.Errorf("create cache dir: %w", err)
 	}
-	unlock, err := lockFile(filepath.Join(Dir(), tool, ".lock"))
+	unlock, err := LockFile(filepath.Join(Dir(), tool, ".lock"))
 	if err != nil {
 		return "", err
 	}
@@ -90,8 +90,10 @@ func isExecutable(p string) bool {
 	return err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 && st.Size() > 0
 }
 
-// lockFile takes an exclusive flock, blocking until other holders finish.
-func lockFile(path string) (func(), error) {
+// LockFile takes an exclusive flock on path (created if missing),
+// blocking until other holders, in this process or others, finish; the
+// returned func releases it. Cache builders serialise on it.
+func LockFile(path string) (func(), error) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("open cache lock: %w", err)

@@ -16,8 +16,9 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/ploop-csi/ploop-csi/test/e2e/cachedbin"
 )
 
 // kernelMetaPackage is Debian's package that always depends on the current
@@ -150,7 +151,7 @@ func prepareBoot(ctx context.Context, logf func(string, ...any)) (bootFiles, err
 	if err := os.MkdirAll(cache, 0o755); err != nil {
 		return bootFiles{}, fmt.Errorf("create cache dir: %w", err)
 	}
-	unlock, err := lockFile(filepath.Join(cache, ".lock"))
+	unlock, err := cachedbin.LockFile(filepath.Join(cache, ".lock"))
 	if err != nil {
 		return bootFiles{}, err
 	}
@@ -388,19 +389,6 @@ func findBusybox() (string, error) {
 		}
 	}
 	return "", fmt.Errorf("no statically linked busybox at %s: install busybox-static (see .ci/deps)", strings.Join(candidates, " or "))
-}
-
-// lockFile takes an exclusive flock, blocking until other holders finish.
-func lockFile(path string) (func(), error) {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open cache lock: %w", err)
-	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", path, err)
-	}
-	return func() { f.Close() }, nil
 }
 
 func copyFile(src, dst string, perm os.FileMode) error {
