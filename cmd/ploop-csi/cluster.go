@@ -119,6 +119,17 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 	reg := prometheus.WrapRegistererWith(prometheus.Labels{"mode": o.mode}, ctrlmetrics.Registry)
 	dcfg := driver.Config{Name: o.driverName, Version: ver, NodeID: o.nodeID, ShutdownTimeout: o.shutdownTimeout}
 	var setup func(ctrl.Manager) error
+	// storage is the catalogue this process owns, if any, for the
+	// storage metrics: a node's own, or the controller's of a shared root.
+	var storage *catalog.Catalog
+	closeShared := func() error { return nil }
+	// deleteVolume is how --delete-orphans deletes on a shared root.
+	var deleteVolume func(context.Context, string) error
+	defer func() {
+		if cerr := closeShared(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("close the catalogue: %w", cerr))
+		}
+	}()
 	switch driver.Mode(o.mode) {
 	case driver.ModeController:
 		mopts.LeaderElection = o.leaderElect
@@ -130,19 +141,37 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 		mopts.LeaderElectionReleaseOnCancel = true
 		dcfg.Mode = driver.ModeController
 		setup = func(mgr ctrl.Manager) error {
-			dcfg.Catalog = clustercatalog.New(mgr.GetClient(), clustercatalog.Options{Reader: mgr.GetAPIReader()})
+			copts := clustercatalog.Options{Reader: mgr.GetAPIReader()}
+			if o.storageMode != storageShared {
+				dcfg.Catalog = clustercatalog.New(mgr.GetClient(), copts)
+				return nil
+			}
+			cat, err := openSharedCatalog(ctx, o, catalog.Options{OvercommitRatio: o.overcommit,
+				Online: clustercatalog.NewSharedOnline(mgr.GetClient(), copts)})
+			if err != nil {
+				return err
+			}
+			closeShared = cat.Close
+			shared := clustercatalog.NewShared(cat, mgr.GetClient(), copts)
+			dcfg.Catalog, dcfg.SharedRoot, deleteVolume = shared, true, shared.DeleteVolume
+			dcfg.TidyInterval = o.tidyInterval
+			if dcfg.TidyInterval == 0 {
+				dcfg.TidyInterval = -1
+			}
+			storage = cat
 			return nil
 		}
 	case driver.ModeNode:
 		mopts.Cache = nodeagent.CacheOptions(o.nodeID)
+		if o.storageMode == storageShared {
+			mopts.Cache = nodeagent.SharedCacheOptions(o.nodeID)
+		}
 		nodeMetrics, err := metrics.NewNode(reg)
 		if err != nil {
 			return fmt.Errorf("metrics: %w", err)
 		}
 		defer nodeMetrics.Unregister(reg)
-		var cat *catalog.Catalog
-		var closeNode func() error
-		cat, closeNode, err = openNodeStorage(ctx, o, newNode, nodeMetrics, &dcfg)
+		cat, closeNode, err := openNodeStorage(ctx, o, newNode, nodeMetrics, &dcfg)
 		if err != nil {
 			return err
 		}
@@ -152,9 +181,21 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 			}
 		}()
 		dcfg.Mode, dcfg.Catalog = driver.ModeNode, cat
+		own, local := cat.(*catalog.Catalog)
+		if local {
+			storage = own
+		}
 		setup = func(mgr ctrl.Manager) error {
-			return nodeagent.Setup(mgr, nodeagent.Options{NodeName: o.nodeID, Catalog: cat,
-				Recorder: mgr.GetEventRecorderFor("ploop-csi-node")})
+			rec := mgr.GetEventRecorderFor("ploop-csi-node")
+			if local {
+				return nodeagent.Setup(mgr, nodeagent.Options{NodeName: o.nodeID, Catalog: own, Recorder: rec})
+			}
+			rep, err := nodeagent.SetupShared(mgr, nodeagent.SharedOptions{NodeName: o.nodeID, Online: driver.OnlineOf(dcfg.Node), Recorder: rec})
+			if err != nil {
+				return err
+			}
+			dcfg.Node = reportingNode{Node: dcfg.Node, rep: rep}
+			return nil
 		}
 	default:
 		return fmt.Errorf("--mode %q has no manager", o.mode)
@@ -176,7 +217,7 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 		rep, err := orphans.New(orphans.Options{
 			Driver: dcfg.Name, Reader: mgr.GetAPIReader(), Writer: mgr.GetClient(),
 			Recorder: mgr.GetEventRecorderFor("ploop-csi-controller"), Registerer: reg,
-			Interval: o.orphanInterval, Grace: o.orphanGrace, Delete: o.deleteOrphans,
+			Interval: o.orphanInterval, Grace: o.orphanGrace, Delete: o.deleteOrphans, DeleteVolume: deleteVolume,
 			Logger: klog.Background().WithName("orphans"),
 		})
 		if err != nil {
@@ -187,14 +228,19 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 			return err
 		}
 	}
-	var state prometheus.Collector = metrics.NewResources(mgr.GetAPIReader(), scrapeTimeout)
-	if dcfg.Mode == driver.ModeNode {
-		state = metrics.NewStorage(o.nodeID, dcfg.Catalog.(*catalog.Catalog), scrapeTimeout)
+	var collectors []prometheus.Collector
+	if dcfg.Mode == driver.ModeController {
+		collectors = append(collectors, metrics.NewResources(mgr.GetAPIReader(), scrapeTimeout))
 	}
-	if err := reg.Register(state); err != nil {
-		return fmt.Errorf("metrics: %w", err)
+	if storage != nil {
+		collectors = append(collectors, metrics.NewStorage(o.nodeID, storage, scrapeTimeout))
 	}
-	defer reg.Unregister(state)
+	for _, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		defer reg.Unregister(c)
+	}
 	d, err := driver.New(dcfg)
 	if err != nil {
 		return err
@@ -240,3 +286,51 @@ func inClusterNamespace() string {
 }
 
 func ptrDuration(d time.Duration) *time.Duration { return &d }
+
+// openSharedCatalog opens the catalogue of a shared root for the
+// controller. Another process may still hold it for a while (the previous
+// controller pod stopping, or a lock the shared filesystem has not yet
+// released for a node that died): Open is retried until ctx ends.
+func openSharedCatalog(ctx context.Context, o options, copts catalog.Options) (*catalog.Catalog, error) {
+	log := klog.Background().WithName("ploop-csi")
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for logged := false; ; logged = true {
+		cat, err := catalog.Open(o.storageRoot, copts)
+		if !errors.Is(err, catalog.ErrHeld) {
+			return cat, err
+		}
+		if !logged {
+			log.Info("waiting for the shared storage root's catalogue, which another process holds", "root", o.storageRoot, "reason", err.Error())
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("open the shared storage root %s: %w (%w)", o.storageRoot, ctx.Err(), err)
+		case <-t.C:
+		}
+	}
+}
+
+// reportingNode is the node's attachments on a shared root: a volume it
+// stages or unstages is recorded on its PloopVolume, which is how the
+// controller finds the node to send the volume's online operations to.
+// The record follows the fact, and a failure to write it fails the call,
+// which the CO retries.
+type reportingNode struct {
+	driver.Node
+	rep *nodeagent.Reporter
+}
+
+func (n reportingNode) Stage(ctx context.Context, r driver.StageRequest) error {
+	if err := n.Node.Stage(ctx, r); err != nil {
+		return err
+	}
+	return n.rep.Served(ctx, r.VolumeID)
+}
+
+func (n reportingNode) Unstage(ctx context.Context, id, stagingPath string) error {
+	if err := n.Node.Unstage(ctx, id, stagingPath); err != nil {
+		return err
+	}
+	return n.rep.Released(ctx, id)
+}

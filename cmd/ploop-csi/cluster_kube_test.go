@@ -122,14 +122,11 @@ func eventually(t *testing.T, ctx context.Context, what string, ok func() error)
 	}
 }
 
-// TestClusterModes runs the binary's two cluster halves against a real
-// API server: a node plugin (its attachments stand in: no nbd here) and a
-// controller. A CSI CreateVolume at the controller lands on the node's
-// storage root; both serve /healthz, /readyz and the node /metrics; the
-// controller holds the leader Lease; both stop cleanly.
-func TestClusterModes(t *testing.T) {
+// startAPI starts a real API server with the project's CRDs.
+func startAPI(t *testing.T) (*kubeapi.Server, client.Client) {
+	t.Helper()
 	srv := kubeapi.StartT(t, kubeapi.Options{})
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := srv.InstallCRDs(ctx, filepath.Join("..", "..", "charts", "ploop-csi", "crds", "*.yaml")); err != nil {
 		t.Fatal(err)
@@ -138,6 +135,18 @@ func TestClusterModes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return srv, c
+}
+
+// TestClusterModes runs the binary's two cluster halves against a real
+// API server: a node plugin (its attachments stand in: no nbd here) and a
+// controller. A CSI CreateVolume at the controller lands on the node's
+// storage root; both serve /healthz, /readyz and the node /metrics; the
+// controller holds the leader Lease; both stop cleanly.
+func TestClusterModes(t *testing.T) {
+	srv, c := startAPI(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
 	if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-1"}}); err != nil {
 		t.Fatal(err)
 	}
@@ -258,4 +267,160 @@ func TestClusterModes(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(root, "ploop", "volumes", id)); !os.IsNotExist(err) {
 		t.Errorf("the deleted volume is still on the node's root: %v", err)
 	}
+}
+
+// stagingNode stands for a node's attachments on a shared root: it
+// remembers what is staged and takes online operations on it.
+type stagingNode struct {
+	testNode
+	mu     sync.Mutex
+	staged map[string]bool
+	grown  map[string]int64
+}
+
+func (n *stagingNode) Stage(ctx context.Context, r driver.StageRequest) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.staged[r.VolumeID] = true
+	return nil
+}
+
+func (n *stagingNode) Unstage(ctx context.Context, id, stagingPath string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.staged, id)
+	return nil
+}
+
+func (n *stagingNode) Attached(ctx context.Context, id string) (bool, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.staged[id], nil
+}
+
+func (n *stagingNode) Grow(ctx context.Context, id string, size int64) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.staged[id] {
+		return driver.ErrNotAttached
+	}
+	n.grown[id] = size
+	return nil
+}
+
+// TestClusterSharedRoot runs both halves with --storage-mode shared over
+// one root: the controller owns the catalogue and makes the image, with
+// no topology; the node plugin, which opened no catalogue, stages it from
+// the record and says so on the volume's resource; an expansion of the
+// staged volume goes to that node; the storage metrics are the
+// controller's.
+func TestClusterSharedRoot(t *testing.T) {
+	srv, c := startAPI(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	kc := writeKubeconfig(t, srv)
+	root, dir := t.TempDir(), shortDir(t)
+	nodeSock, ctlSock := filepath.Join(dir, "node.sock"), filepath.Join(dir, "ctl.sock")
+	ctlMetrics := freeAddr(t)
+
+	start(t, []string{"--mode", "controller", "--storage-mode", "shared", "--storage-root", root, "--nodeid", "controller-0",
+		"--endpoint", "unix://" + ctlSock, "--kubeconfig", kc, "--metrics-address", ctlMetrics, "--leader-election-namespace", "default"}, nil)
+	ctlConn, _ := dial(t, ctx, ctlSock)
+	node := &stagingNode{staged: map[string]bool{}, grown: map[string]int64{}}
+	start(t, []string{"--mode", "node", "--storage-mode", "shared", "--nodeid", "node-1", "--storage-root", root,
+		"--endpoint", "unix://" + nodeSock, "--kubeconfig", kc, "--trim-interval", "0"},
+		func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) {
+			if cfg.Dirs != nil {
+				t.Errorf("the node plugin of a shared root opened a simfs root")
+			}
+			return node, nil
+		})
+	nodeConn, _ := dial(t, ctx, nodeSock)
+
+	ni, err := csi.NewNodeClient(nodeConn).NodeGetInfo(ctx, &csi.NodeGetInfoRequest{})
+	if err != nil || ni.GetAccessibleTopology() != nil {
+		t.Errorf("NodeGetInfo on a shared root: %v, %v", ni, err)
+	}
+	mount := &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}
+	ctl := csi.NewControllerClient(ctlConn)
+	resp, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "pvc-shared", VolumeCapabilities: []*csi.VolumeCapability{mount},
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 16 << 20}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.GetVolume().GetVolumeId()
+	if resp.GetVolume().GetAccessibleTopology() != nil {
+		t.Errorf("a volume of a shared root has topology: %v", resp.GetVolume())
+	}
+	if _, err := os.Stat(filepath.Join(root, "ploop", "volumes", id, "DiskDescriptor.xml")); err != nil {
+		t.Errorf("the controller made no image: %v", err)
+	}
+
+	record := func(want string) func() error {
+		return func() error {
+			var v v1alpha1.PloopVolume
+			if err := c.Get(ctx, client.ObjectKey{Name: id}, &v); err != nil {
+				return err
+			}
+			if v.Status.AttachedNode != want {
+				return fmt.Errorf("status.attachedNode %q, want %q", v.Status.AttachedNode, want)
+			}
+			return nil
+		}
+	}
+	nc := csi.NewNodeClient(nodeConn)
+	staging := filepath.Join(t.TempDir(), "staging")
+	if _, err := nc.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging,
+		VolumeCapability: mount, VolumeContext: resp.GetVolume().GetVolumeContext()}); err != nil {
+		t.Fatal(err)
+	}
+	if err := record("node-1")(); err != nil {
+		t.Errorf("after NodeStageVolume: %v", err)
+	}
+	exp, err := ctl.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: id,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 32 << 20}, VolumeCapability: mount})
+	if err != nil || exp.GetCapacityBytes() != 32<<20 {
+		t.Fatalf("expand a staged volume: %v, %v", exp, err)
+	}
+	node.mu.Lock()
+	grown := node.grown[id]
+	node.mu.Unlock()
+	if grown != 32<<20 {
+		t.Errorf("the node that staged the volume grew it to %d, want %d", grown, 32<<20)
+	}
+	if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("delete a staged volume: %v, want FailedPrecondition", err)
+	}
+	if _, err := nc.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: id, StagingTargetPath: staging}); err != nil {
+		t.Fatal(err)
+	}
+	if err := record("")(); err != nil {
+		t.Errorf("after NodeUnstageVolume: %v", err)
+	}
+	for _, series := range []string{
+		`ploop_csi_volumes{mode="controller",node="controller-0",type="ploop"} 1`,
+		`ploop_csi_volume_provisioned_bytes{mode="controller",node="controller-0",type="ploop",volume="` + id + `"} 3.3554432e+07`,
+		`ploop_csi_resources{kind="PloopVolume",mode="controller",node="",phase="Ready"} 1`,
+	} {
+		_, body, err := httpGet(ctx, "http://"+ctlMetrics+"/metrics")
+		if err != nil || !strings.Contains(body, series) {
+			t.Errorf("/metrics lacks %s (%v)", series, err)
+		}
+	}
+	if _, err := ctl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(root, "ploop", "volumes", id)); !os.IsNotExist(err) {
+		t.Errorf("the deleted volume is still in the root: %v", err)
+	}
+	eventually(t, ctx, "the volume's resource to go", func() error {
+		var v v1alpha1.PloopVolume
+		if err := c.Get(ctx, client.ObjectKey{Name: id}, &v); err == nil {
+			return fmt.Errorf("still there")
+		}
+		return nil
+	})
 }

@@ -60,12 +60,19 @@ func main() {
 	os.Exit(code)
 }
 
+// The values of --storage-mode.
+const (
+	storageLocal  = "local"
+	storageShared = "shared"
+)
+
 // options are the parsed flags.
 type options struct {
 	endpoint        string
 	nodeID          string
 	mode            string
 	storageRoot     string
+	storageMode     string
 	driverName      string
 	kubeletDir      string
 	overcommit      float64
@@ -108,6 +115,9 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.orphanInterval, "orphan-scan-interval", orphans.DefaultInterval, "controller mode: how often orphans are looked for")
 	fs.DurationVar(&o.orphanGrace, "orphan-grace", orphans.DefaultGrace, "controller mode: how old a volume must be before a missing PersistentVolume makes it an orphan")
 	fs.StringVar(&o.storageRoot, "storage-root", "/var/lib/ploop-csi", "storage root: an existing directory (not a symlink) that holds every volume and snapshot")
+	fs.StringVar(&o.storageMode, "storage-mode", storageLocal, "controller and node modes: local (each node's root is its own; volumes have the node's topology) "+
+		"or shared (the root is one filesystem mounted at the same path on every node, such as NFS or CephFS: the controller owns its catalogue "+
+		"and needs the root mounted too; volumes have no topology; ploop only)")
 	fs.StringVar(&o.driverName, "drivername", driver.DefaultName, "the driver's name (the CSIDriver object's)")
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "", "when set (e.g. /var/lib/kubelet), staging and target paths must lie below it; "+
 		"empty accepts any absolute path outside the storage root")
@@ -142,6 +152,10 @@ func (o *options) check() error {
 		return fmt.Errorf("--kubelet-dir %q: want an absolute, clean path", o.kubeletDir)
 	case o.trimInterval < 0 || o.tidyInterval < 0 || o.shutdownTimeout <= 0:
 		return errors.New("--trim-interval and --tidy-interval must not be negative, --shutdown-timeout must be positive")
+	case o.storageMode != storageLocal && o.storageMode != storageShared:
+		return fmt.Errorf("--storage-mode %q: want %s or %s", o.storageMode, storageLocal, storageShared)
+	case o.storageMode == storageShared && o.mode == string(driver.ModeAll):
+		return fmt.Errorf("--storage-mode %s needs --mode controller or node: one process over a root is mode all's own case", storageShared)
 	case o.nbdConnections < 0 || o.nbdConnections > 64:
 		return fmt.Errorf("--nbd-connections %d: want 0 (the default) to 64", o.nbdConnections)
 	}
@@ -249,7 +263,11 @@ func serve(ctx context.Context, stop func(), o options, ver, sock string, newNod
 // volumes, which the kernel holds only for the dead-connection timeout;
 // then the catalogue. It fills in dcfg's node, path prefixes and tidy
 // interval. close undoes it all without detaching anything.
-func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs attachments.Observer, dcfg *driver.Config) (*catalog.Catalog, func() error, error) {
+//
+// On a shared root (--storage-mode shared) the node opens no simfs root
+// (simfs needs a node's own filesystem) and no catalogue, which the
+// controller owns: it reads the volumes' records through a catalog.View.
+func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs attachments.Observer, dcfg *driver.Config) (driver.Catalog, func() error, error) {
 	var closers []func() error
 	closeAll := func() error {
 		var errs []error
@@ -258,8 +276,14 @@ func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs at
 		}
 		return errors.Join(errs...)
 	}
-	dirs, err := catalog.OpenSimfs(o.storageRoot, simfs.Options{})
+	shared := o.storageMode == storageShared
+	var dirs *simfs.Root
+	var err error
+	if !shared {
+		dirs, err = catalog.OpenSimfs(o.storageRoot, simfs.Options{})
+	}
 	switch {
+	case shared:
 	case errors.Is(err, catalog.ErrUnavailable) || errors.Is(err, catalog.ErrInvalid):
 		return nil, nil, err // the root itself is unusable
 	case err != nil:
@@ -289,17 +313,27 @@ func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs at
 		}
 		return nil
 	})
-	cat, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
-	if err != nil {
-		closeAll()
-		return nil, nil, err
-	}
-	closers = append(closers, func() error {
-		if err := cat.Close(); err != nil {
-			return fmt.Errorf("close the catalogue: %w", err)
+	var cat driver.Catalog
+	if shared {
+		if cat, err = catalog.OpenView(o.storageRoot); err != nil {
+			closeAll()
+			return nil, nil, err
 		}
-		return nil
-	})
+		dcfg.SharedRoot = true
+	} else {
+		own, err := catalog.Open(o.storageRoot, catalog.Options{OvercommitRatio: o.overcommit, Online: driver.OnlineOf(node), SimfsRoot: dirs})
+		if err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+		closers = append(closers, func() error {
+			if err := own.Close(); err != nil {
+				return fmt.Errorf("close the catalogue: %w", err)
+			}
+			return nil
+		})
+		cat = own
+	}
 	dcfg.Node = node
 	if o.kubeletDir != "" {
 		dcfg.PathPrefixes = []string{o.kubeletDir}

@@ -153,6 +153,7 @@ var errorPairs = [...]struct{ from, to error }{
 	{attachments.ErrInUse, driver.ErrInUse},
 	{attachments.ErrNotAttached, driver.ErrNotAttached},
 	{attachments.ErrBusy, driver.ErrNodeBusy},
+	{attachments.ErrServedElsewhere, driver.ErrNodeBusy},
 	{attachments.ErrUnavailable, driver.ErrVolumeUnavailable},
 }
 

@@ -31,6 +31,11 @@ var (
 	// ErrBusy: another operation on the volume did not finish before the
 	// context ended (Aborted).
 	ErrBusy = errors.New("another operation on the volume is in progress")
+	// ErrServedElsewhere: another process holds the volume's stack (its
+	// directory's lock): on a shared storage root, another node serves
+	// the volume until it unstages it (Aborted, like ErrBusy, so that the
+	// CO retries).
+	ErrServedElsewhere = errors.New("the volume is served by another process")
 	// ErrUnavailable: the volume's data cannot be reached (its image is
 	// gone or needs repair); its condition says why (FailedPrecondition).
 	ErrUnavailable = errors.New("volume is unavailable")

@@ -45,6 +45,7 @@ func TestKernel(t *testing.T) {
 		{Name: "DeadLink", Run: testDeadLink},
 		{Name: "Parallel", Run: testParallel},
 		{Name: "SharedServer", Run: testSharedServer},
+		{Name: "TwoNodesOneRoot", Run: testTwoNodesOneRoot},
 	})
 }
 
@@ -673,6 +674,63 @@ func testSharedServer(t *testing.T) {
 	}
 	if got := m.srv.Exports(); len(got) != 0 {
 		t.Fatalf("exports after unstaging both: %v", got)
+	}
+}
+
+// testTwoNodesOneRoot: two nodes' attachments over one storage root, as
+// on a shared root (each with its own state directory): while one serves
+// a volume, the other cannot stage it and is left with nothing of it (no
+// device, no record, no mount); once the first has unstaged it, the
+// second stages the same filesystem.
+func testTwoNodesOneRoot(t *testing.T) {
+	e := newVMEnv(t, 512)
+	a := e.manager(t, nil)
+	b := e.manager(t, func(o *Options) { o.NodeID = "vm-b" })
+	ctx := tctx(t, 5*time.Minute)
+	ra := e.ploopReq(t, "ploop-two-nodes", 64<<20, "ext4")
+	if err := a.Stage(ctx, ra); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ra.StagingPath, "from-a"), []byte("a"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	testcmd.Combined(t, "sync")
+	rb := ra
+	rb.StagingPath = filepath.Join(e.kubelet, "staging-b", ra.VolumeID)
+	err := b.Stage(ctx, rb)
+	if err == nil {
+		t.Fatal("a second node staged a volume the first serves")
+	}
+	t.Logf("the second node's stage: %v", err)
+	if !errors.Is(err, ErrServedElsewhere) || strings.Contains(err.Error(), "ploopctl check --repair") {
+		t.Errorf("the refusal does not say that another process serves the volume (or it suggests a repair): %v", err)
+	}
+	if b.get(ra.VolumeID) != nil {
+		t.Error("the refused node keeps the volume")
+	}
+	if ents, err := os.ReadDir(filepath.Join(e.root, "nodes", "vm-b")); err == nil {
+		for _, ent := range ents {
+			if strings.Contains(ent.Name(), ra.VolumeID) {
+				t.Errorf("the refused node keeps a record: %s", ent.Name())
+			}
+		}
+	}
+	if mounted, _ := b.mounter.IsMountPoint(rb.StagingPath); mounted {
+		t.Error("the refused node mounted the volume")
+	}
+	wantHealthy(t, mustStats(t, a, ra.VolumeID, ra.StagingPath))
+
+	if err := a.Unstage(ctx, ra.VolumeID, ra.StagingPath); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Stage(ctx, rb); err != nil {
+		t.Fatalf("stage on the second node after the first let go: %v", err)
+	}
+	if got, err := os.ReadFile(filepath.Join(rb.StagingPath, "from-a")); err != nil || string(got) != "a" {
+		t.Errorf("the second node sees %q, %v; want the first node's file", got, err)
+	}
+	if err := b.Unstage(ctx, rb.VolumeID, rb.StagingPath); err != nil {
+		t.Fatal(err)
 	}
 }
 

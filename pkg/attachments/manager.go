@@ -11,6 +11,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/ploop-csi/ploop-csi/pkg/keylock"
 	"github.com/ploop-csi/ploop-csi/pkg/mounts"
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
@@ -426,6 +428,10 @@ func (m *Manager) exportFailed(v *serving.Volume) error {
 // killed predecessor left it marked in use.
 func (m *Manager) serve(ctx context.Context, rec record) (*serving.Volume, error) {
 	v, err := serving.Open(rec.Path, serving.OpenOptions{Direct: m.opts.Direct, Repair: true})
+	if errors.Is(err, unix.EWOULDBLOCK) {
+		// The stack directory's lock: nothing to repair.
+		return nil, fmt.Errorf("%w (on a shared storage root, another node serves it until it unstages it): %v", ErrServedElsewhere, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("the image could not be opened; if it needs repair, unstage the volume and run `ploopctl check --repair %s`: %v: %w", rec.Path, err, ErrUnavailable)
 	}

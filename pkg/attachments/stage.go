@@ -173,13 +173,24 @@ func (m *Manager) stage(ctx context.Context, req StageRequest) error {
 		}
 		return nil
 	}
-	if v == nil {
+	created := v == nil
+	if created {
 		var err error
 		if v, err = m.save(nil, want); err != nil {
 			return err
 		}
 	}
-	return m.stagePloop(ctx, v)
+	err := m.stagePloop(ctx, v)
+	if created && errors.Is(err, ErrServedElsewhere) {
+		// Nothing was done here, and the record would make this node
+		// claim (and at its next start try to serve) a volume another
+		// process serves.
+		if rerr := m.state.remove(req.VolumeID); rerr != nil {
+			return errors.Join(err, rerr)
+		}
+		m.set(req.VolumeID, nil)
+	}
+	return err
 }
 
 // checkDir checks a simfs volume's directory against the simfs root:

@@ -160,7 +160,7 @@ func Open(dir string, opts Options) (*Catalog, error) {
 	}
 	if err := flock.Exclusive(lock); err != nil {
 		lock.Close()
-		return nil, fmt.Errorf("open storage root %s: its catalogue is open in another process: %w: %w", dir, ErrUnavailable, err)
+		return nil, fmt.Errorf("open storage root %s: %w: %w: %w", dir, ErrHeld, ErrUnavailable, err)
 	}
 	c.lock = lock
 	if err := c.load(); err != nil {

@@ -38,6 +38,10 @@ var (
 	ErrUnavailable = errors.New("unavailable")
 )
 
+// ErrHeld is Open's error (besides ErrUnavailable) when another process
+// has the root's catalogue open; that process may be about to stop.
+var ErrHeld = errors.New("its catalogue is open in another process")
+
 // ErrNotAttached is what an Online implementation returns when it does not
 // serve the volume; the catalogue then runs the operation offline itself.
 var ErrNotAttached = errors.New("volume is not attached")
@@ -53,6 +57,7 @@ var classes = []struct {
 	{"Invalid", ErrInvalid}, {"NotFound", ErrNotFound}, {"Exists", ErrExists}, {"OutOfRange", ErrOutOfRange},
 	{"NoSpace", ErrNoSpace}, {"Limit", ErrLimit}, {"InUse", ErrInUse}, {"Precondition", ErrPrecondition},
 	{"Busy", ErrBusy}, {"BadToken", ErrBadToken}, {"Unavailable", ErrUnavailable},
+	{"NotAttached", ErrNotAttached},
 }
 
 // ClassOf names err's class, "" for an error of none (an internal error).

@@ -15,6 +15,11 @@
 // deletes the resource it came from, so that a retry, perhaps on another
 // node, starts clean. Errors carry the catalogue's classes, so the CSI
 // layer maps them exactly as it maps a local catalogue's.
+//
+// On a shared root (one filesystem at the same path on every node) the
+// controller owns the root's catalogue instead, and Shared and
+// SharedOnline (shared.go) keep the resources beside it and route the
+// online operations of a served volume to the node serving it.
 package clustercatalog
 
 import (
@@ -65,14 +70,18 @@ type Options struct {
 
 // New returns a Catalog that writes through c.
 func New(c client.Client, o Options) *Catalog {
+	o = o.withDefaults(c)
+	return &Catalog{c: c, r: o.Reader, poll: o.Poll}
+}
+
+func (o Options) withDefaults(c client.Client) Options {
 	if o.Poll <= 0 {
 		o.Poll = DefaultPoll
 	}
-	r := o.Reader
-	if r == nil {
-		r = c
+	if o.Reader == nil {
+		o.Reader = c
 	}
-	return &Catalog{c: c, r: r, poll: o.Poll}
+	return o
 }
 
 func nameHash(name string) string {
@@ -234,16 +243,7 @@ func (c *Catalog) waitVolume(ctx context.Context, id string, gen int64, dropFail
 	}
 }
 
-func (c *Catalog) sleep(ctx context.Context) error {
-	t := time.NewTimer(c.poll)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}
+func (c *Catalog) sleep(ctx context.Context) error { return sleep(ctx, c.poll) }
 
 // nodeError is the error a node reported, with its class.
 func nodeError(node string, e *v1alpha1.OperationError) error {

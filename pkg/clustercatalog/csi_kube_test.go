@@ -21,6 +21,31 @@ import (
 
 var _ driver.Cluster = (*clustercatalog.Catalog)(nil)
 
+// serveCSI serves d on a socket until the test ends and connects to it.
+func serveCSI(t *testing.T, d *driver.Driver) *grpc.ClientConn {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "csi.sock")
+	lis, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- d.Serve(ctx, lis) }()
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		stop()
+		if err := <-served; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+	})
+	return conn
+}
+
 // TestCSIControllerMode drives the driver in ModeController over the
 // cluster's catalogue: the CSI calls an external-provisioner, -snapshotter
 // and -resizer make land on the storage root of the node the topology
@@ -32,25 +57,7 @@ func TestCSIControllerMode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sock := filepath.Join(t.TempDir(), "csi.sock")
-	lis, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sctx, stop := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- d.Serve(sctx, lis) }()
-	t.Cleanup(func() {
-		stop()
-		if err := <-served; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	})
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := serveCSI(t, d)
 	ctl, id := csi.NewControllerClient(conn), csi.NewIdentityClient(conn)
 
 	caps, err := id.GetPluginCapabilities(ctx, &csi.GetPluginCapabilitiesRequest{})

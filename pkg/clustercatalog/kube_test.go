@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
@@ -61,17 +62,7 @@ func newCluster(t *testing.T, names ...string) *cluster {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cat.Close() })
-		mgr, err := ctrl.NewManager(srv.Config(), ctrl.Options{
-			Scheme: scheme, Cache: nodeagent.CacheOptions(name),
-			Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
-			Logger: ctrl.Log.WithName(name),
-			// Two nodes' agents in one test process register the same
-			// controller names; a node plugin has one of each.
-			Controller: config.Controller{SkipNameValidation: ptr.To(true)},
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		mgr := nodeManager(t, srv, scheme, name, nodeagent.CacheOptions(name))
 		if err := c.Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}}); err != nil {
 			t.Fatal(err)
 		}
@@ -80,18 +71,40 @@ func newCluster(t *testing.T, names ...string) *cluster {
 			Recorder: mgr.GetEventRecorderFor("ploop-csi-node")}); err != nil {
 			t.Fatal(err)
 		}
-		mctx, stop := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- mgr.Start(mctx) }()
-		t.Cleanup(func() {
-			stop()
-			if err := <-done; err != nil {
-				t.Errorf("manager of %s: %v", name, err)
-			}
-		})
+		startManager(t, mgr, name)
 		cl.nodes[name] = &node{name: name, cat: cat}
 	}
 	return cl
+}
+
+// nodeManager is a node plugin's manager, its cache made with cache.
+func nodeManager(t *testing.T, srv *kubeapi.Server, scheme *runtime.Scheme, name string, cache cache.Options) ctrl.Manager {
+	t.Helper()
+	mgr, err := ctrl.NewManager(srv.Config(), ctrl.Options{
+		Scheme: scheme, Cache: cache,
+		Metrics: metricsserver.Options{BindAddress: "0"}, HealthProbeBindAddress: "0",
+		Logger: ctrl.Log.WithName(name),
+		// Two nodes' agents in one test process register the same
+		// controller names; a node plugin has one of each.
+		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mgr
+}
+
+// startManager runs mgr until the test ends.
+func startManager(t *testing.T, mgr ctrl.Manager, name string) {
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("manager of %s: %v", name, err)
+		}
+	})
 }
 
 func tctx(t *testing.T, d time.Duration) context.Context {

@@ -48,9 +48,10 @@ func (d *Driver) segment(node string) *csi.Topology {
 	return &csi.Topology{Segments: map[string]string{TopologyKey: node}}
 }
 
-// cluster is the catalogue spanning nodes in ModeController, nil otherwise.
+// cluster is the catalogue spanning nodes' own roots in ModeController,
+// nil otherwise.
 func (d *Driver) cluster() Cluster {
-	if d.cfg.Mode != ModeController {
+	if d.cfg.Mode != ModeController || d.cfg.SharedRoot {
 		return nil
 	}
 	return d.cfg.Catalog.(Cluster)
@@ -123,10 +124,12 @@ func (d *Driver) placeable(r *csi.TopologyRequirement) error {
 // csiVolume describes a volume to the CO.
 func (d *Driver) csiVolume(v catalog.Volume) *csi.Volume {
 	out := &csi.Volume{
-		CapacityBytes:      v.Size,
-		VolumeId:           v.ID,
-		VolumeContext:      volumeContext(v),
-		AccessibleTopology: []*csi.Topology{d.segment(v.Node)},
+		CapacityBytes: v.Size,
+		VolumeId:      v.ID,
+		VolumeContext: volumeContext(v),
+	}
+	if !d.cfg.SharedRoot {
+		out.AccessibleTopology = []*csi.Topology{d.segment(v.Node)}
 	}
 	switch {
 	case v.SourceSnapshot != "":
@@ -184,6 +187,10 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 		return nil, fmt.Errorf("fs_type %s and parameter %s=%s disagree: %w", fs, ParamFSType, p.fsType, catalog.ErrInvalid)
 	}
 	if p.typ == catalog.Simfs {
+		if d.cfg.SharedRoot {
+			return nil, fmt.Errorf("%s=%s needs the project quota of a node's own filesystem, and this driver's storage root is shared; "+
+				"use %s=%s: %w", ParamType, catalog.Simfs, ParamType, catalog.Ploop, catalog.ErrInvalid)
+		}
 		fs = "" // a simfs volume is a directory of the root's own filesystem
 	}
 	vr := catalog.VolumeRequest{
@@ -219,8 +226,12 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			return nil, err
 		}
 	} else {
-		if err := d.placeable(req.GetAccessibilityRequirements()); err != nil {
-			return nil, err
+		// On a shared root every node reaches the volume: any
+		// requirement is met.
+		if !d.cfg.SharedRoot {
+			if err := d.placeable(req.GetAccessibilityRequirements()); err != nil {
+				return nil, err
+			}
 		}
 		if v, err = d.cfg.Catalog.CreateVolume(ctx, vr); err != nil {
 			return nil, err
@@ -336,7 +347,7 @@ func (s *controllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 		return nil, err
 	}
 	cl := s.d.cluster()
-	if t := req.GetAccessibleTopology(); t != nil && cl == nil && !s.d.ours(t) {
+	if t := req.GetAccessibleTopology(); t != nil && cl == nil && !s.d.cfg.SharedRoot && !s.d.ours(t) {
 		return &csi.GetCapacityResponse{AvailableCapacity: 0}, nil
 	}
 	if len(req.GetVolumeCapabilities()) > 0 {

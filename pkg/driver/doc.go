@@ -78,4 +78,12 @@
 // content source is on, or else on the first preferred (then requisite)
 // topology segment; GetCapacity answers for the node a segment names;
 // volumes report their own node's segment.
+//
+// With Config.SharedRoot the root is one filesystem on every node: the
+// plugin claims no accessibility constraints, volumes and NodeGetInfo
+// carry no topology, any requirement is met, and simfs volumes are refused
+// (InvalidArgument: their quota needs a node's own filesystem). The
+// controller's Catalog is then the root's own catalogue (a
+// clustercatalog.Shared, which also tidies), and a node's is a
+// catalog.View of the records, which changes nothing.
 package driver

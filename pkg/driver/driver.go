@@ -71,7 +71,10 @@ type Catalog interface {
 	Tidy(ctx context.Context) error
 }
 
-var _ Catalog = (*catalog.Catalog)(nil)
+var (
+	_ Catalog = (*catalog.Catalog)(nil)
+	_ Catalog = (*catalog.View)(nil) // a node's, on a shared root
+)
 
 // Cluster is the Catalog of ModeController: volumes live on many nodes'
 // roots, so creation and capacity name the node (its topology segment).
@@ -92,9 +95,16 @@ type Config struct {
 	NodeID string
 	// Mode is ModeAll (the default), ModeController or ModeNode.
 	Mode Mode
-	// Catalog is the storage root's catalogue; in ModeController, a
-	// Cluster. Required.
+	// Catalog is the storage root's catalogue; in ModeController over
+	// node-local roots, a Cluster. Required.
 	Catalog Catalog
+	// SharedRoot says the storage root is one filesystem mounted at the
+	// same path on every node: volumes have no topology, any node can
+	// stage any ploop volume, and the controller's Catalog is the root's
+	// own catalogue (its online operations reach the node that has a
+	// volume attached). simfs volumes, which need the project quota of a
+	// node's own filesystem, are refused.
+	SharedRoot bool
 	// Node is this node's attachments. Required in ModeAll and ModeNode. Its online
 	// operations must also be the catalogue's (catalog.Options.Online =
 	// OnlineOf(Node)).
@@ -147,7 +157,7 @@ func New(cfg Config) (*Driver, error) {
 		cfg.Mode = ModeAll
 	case ModeAll, ModeNode:
 	case ModeController:
-		if _, ok := cfg.Catalog.(Cluster); !ok {
+		if _, ok := cfg.Catalog.(Cluster); !ok && !cfg.SharedRoot {
 			return nil, fmt.Errorf("mode %s needs a catalogue that spans the nodes (driver.Cluster), not %T", cfg.Mode, cfg.Catalog)
 		}
 	default:
@@ -260,8 +270,11 @@ func (d *Driver) tidyLoop(ctx context.Context) {
 			d.log.Error(err, "tidying the storage root's chains failed; retrying at the next interval", "interval", d.cfg.TidyInterval)
 		}
 	}
-	if d.cfg.Mode == ModeController {
+	if d.cfg.Mode == ModeController && !d.cfg.SharedRoot {
 		return // each node tidies its own root
+	}
+	if d.cfg.Mode == ModeNode && d.cfg.SharedRoot {
+		return // the controller owns the shared root's catalogue
 	}
 	tidy()
 	if d.cfg.TidyInterval < 0 {

@@ -23,9 +23,11 @@ func (s *identityServer) GetPluginCapabilities(ctx context.Context, req *csi.Get
 		return &csi.PluginCapability{Type: &csi.PluginCapability_Service_{Service: &csi.PluginCapability_Service{Type: t}}}
 	}
 	caps := []*csi.PluginCapability{
-		service(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
 		{Type: &csi.PluginCapability_VolumeExpansion_{VolumeExpansion: &csi.PluginCapability_VolumeExpansion{
 			Type: csi.PluginCapability_VolumeExpansion_ONLINE}}},
+	}
+	if !s.d.cfg.SharedRoot {
+		caps = append([]*csi.PluginCapability{service(csi.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS)}, caps...)
 	}
 	if s.d.cfg.Mode != ModeNode {
 		caps = append([]*csi.PluginCapability{service(csi.PluginCapability_Service_CONTROLLER_SERVICE)}, caps...)

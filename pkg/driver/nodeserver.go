@@ -33,11 +33,14 @@ func (s *nodeServer) NodeGetCapabilities(ctx context.Context, req *csi.NodeGetCa
 }
 
 func (s *nodeServer) NodeGetInfo(ctx context.Context, req *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
-	return &csi.NodeGetInfoResponse{
-		NodeId:             s.d.cfg.NodeID,
-		MaxVolumesPerNode:  int64(s.d.cfg.Node.MaxVolumes()),
-		AccessibleTopology: s.d.segment(""),
-	}, nil
+	out := &csi.NodeGetInfoResponse{
+		NodeId:            s.d.cfg.NodeID,
+		MaxVolumesPerNode: int64(s.d.cfg.Node.MaxVolumes()),
+	}
+	if !s.d.cfg.SharedRoot {
+		out.AccessibleTopology = s.d.segment("")
+	}
+	return out, nil
 }
 
 // nodeVolume looks up the volume a node call names and checks that the

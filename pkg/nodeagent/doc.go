@@ -1,5 +1,5 @@
 // Package nodeagent is the node's half of the controller↔node protocol of a
-// cluster whose storage roots are local to each node (DESIGN.md §3).
+// cluster (DESIGN.md §3), chiefly where storage roots are local to each node.
 //
 // Only the node that holds a volume's storage root can create, grow,
 // snapshot or delete it, and the controller reaches nodes only through the
@@ -16,4 +16,10 @@
 // until the spec changes; others are retried with back-off. The Finalizer
 // keeps a resource until its image or directory is gone from the root, so
 // deleting the resource is how the controller deletes the volume.
+//
+// On a shared root the controller owns the catalogue, and a node's part is
+// smaller (shared.go): it records on a volume's resource that it serves the
+// volume (Reporter, as the volume is staged and unstaged) and carries out
+// the online operations the controller writes into the resource of a
+// volume it serves (SetupShared).
 package nodeagent

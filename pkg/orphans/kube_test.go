@@ -141,6 +141,41 @@ func TestScan(t *testing.T) {
 	if err := c.Get(ctx, client.ObjectKey{Name: "pv-dangling"}, &corev1.PersistentVolume{}); err != nil {
 		t.Errorf("a PersistentVolume was touched: %v", err)
 	}
+
+	// A shared root: volumes have no node; one is recorded as served by
+	// a node that is gone, which blocks it; an orphan is deleted through
+	// the controller's catalogue (DeleteVolume), not by deleting its
+	// resource.
+	rd.Unregister()
+	shared := func(attached string) string {
+		id := catalog.NewVolumeID(catalog.Ploop)
+		v := &v1alpha1.PloopVolume{ObjectMeta: metav1.ObjectMeta{Name: id},
+			Spec: v1alpha1.PloopVolumeSpec{Name: "pvc-" + id[6:14], Type: "ploop", Size: resource.MustParse("1Gi")}}
+		if err := c.Create(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+		v.Status = v1alpha1.PloopVolumeStatus{Phase: v1alpha1.Ready, VolumeID: id, AttachedNode: attached, ObservedGeneration: v.Generation}
+		if err := c.Status().Update(ctx, v); err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	blocked, sharedOrphan := shared("node-gone"), shared("")
+	pv("pv-blocked", driverName, blocked)
+	var deleted []string
+	rs, err := orphans.New(orphans.Options{Driver: driverName, Reader: c, Writer: c, Recorder: rec, Registerer: reg, Grace: orphans.NoGrace,
+		Delete: true, DeleteVolume: func(ctx context.Context, id string) error { deleted = append(deleted, id); return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err = rs.Scan(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(deleted, []string{sharedOrphan}) || !slices.Contains(rep.Stranded, blocked) {
+		t.Errorf("shared root: deleted %v, report %+v; want %s deleted through the catalogue and %s stranded", deleted, rep, sharedOrphan, blocked)
+	}
+	waitEvent(ctx, t, cs, blocked, "NodeGone")
 }
 
 func gaugeOf(t *testing.T, reg *prometheus.Registry, kind string) prometheus.Collector {

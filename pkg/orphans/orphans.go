@@ -53,7 +53,11 @@ type Options struct {
 	Interval, Grace time.Duration
 	// Delete removes orphaned PloopVolumes (--delete-orphans).
 	Delete bool
-	Logger logr.Logger
+	// DeleteVolume, when set, is how Delete removes an orphan instead of
+	// deleting its PloopVolume: on a shared root the controller's own
+	// catalogue deletes the volume, and then its resource.
+	DeleteVolume func(ctx context.Context, id string) error
+	Logger       logr.Logger
 }
 
 // Reporter scans for orphans (a manager.Runnable that needs the lease).
@@ -158,7 +162,11 @@ func (r *Reporter) Scan(ctx context.Context) (Report, error) {
 		}
 		rep.Volumes = append(rep.Volumes, v.Name)
 		if r.o.Delete {
-			if err := r.o.Writer.Delete(ctx, v); err != nil && !apierrors.IsNotFound(err) {
+			del := func() error { return r.o.Writer.Delete(ctx, v) }
+			if r.o.DeleteVolume != nil {
+				del = func() error { return r.o.DeleteVolume(ctx, v.Name) }
+			}
+			if err := del(); err != nil && !apierrors.IsNotFound(err) {
 				return rep, fmt.Errorf("delete orphaned volume %s: %w", v.Name, err)
 			}
 			rep.Deleted = append(rep.Deleted, v.Name)
@@ -188,7 +196,17 @@ func (r *Reporter) Scan(ctx context.Context) (Report, error) {
 			"If the node will not come back, remove the finalizer %s (kubectl patch --type=json -p '[{\"op\":\"remove\",\"path\":\"/metadata/finalizers\"}]') and delete the resource", node, v1alpha1.Finalizer)
 	}
 	for i := range vols.Items {
-		stranded(&vols.Items[i], vols.Items[i].Spec.NodeName)
+		v := &vols.Items[i]
+		stranded(v, v.Spec.NodeName)
+		// On a shared root the data is everyone's, but the record of the
+		// node serving the volume keeps it from being deleted and sends
+		// its online operations to a node that cannot answer.
+		if n := v.Status.AttachedNode; v.Spec.NodeName == "" && n != "" && !known[n] {
+			rep.Stranded = append(rep.Stranded, v.Name)
+			r.event(v, "NodeGone", "node %s, recorded as serving this volume, no longer exists: the volume cannot be deleted, snapshotted or grown. "+
+				"If the node will not come back (its stack lock is then released), clear the record: "+
+				"kubectl patch ploopvolume %s --subresource=status --type=merge -p '{\"status\":{\"attachedNode\":null}}'", n, v.Name)
+		}
 	}
 	for i := range snaps.Items {
 		stranded(&snaps.Items[i], snaps.Items[i].Spec.NodeName)

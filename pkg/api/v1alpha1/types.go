@@ -30,6 +30,11 @@ const Finalizer = "ploop.io/storage"
 // watches only its own resources.
 const NodeLabel = "ploop.io/node"
 
+// AttachedLabel carries status.attachedNode of a volume on a shared
+// storage root as a label, so that each node plugin watches only the
+// volumes it serves (for their online operations).
+const AttachedLabel = "ploop.io/attached"
+
 // CapacityAnnotation prefixes the Node annotations in which each node
 // plugin publishes what its storage root can still promise, in bytes, per
 // volume type (capacity.ploop.io/ploop, capacity.ploop.io/simfs): the
@@ -100,6 +105,53 @@ type PloopVolumeSpec struct {
 	// Source is the content the volume starts from.
 	// +optional
 	Source *VolumeSource `json:"source,omitempty"`
+	// Online, with a shared storage root, asks the node that serves the
+	// volume (status.attachedNode) to carry out an operation on its
+	// served stack: the controller owns the root's catalogue, but only
+	// the serving process may write the stack. status.online answers it.
+	// +optional
+	Online *OnlineRequest `json:"online,omitempty"`
+}
+
+// OnlineRequest is one operation on a served stack (see
+// PloopVolumeSpec.Online).
+type OnlineRequest struct {
+	// ID tells requests apart: status.online answers the request of its
+	// ID, and a node carries out each ID once.
+	// +kubebuilder:validation:MinLength=1
+	ID string `json:"id"`
+	// Op is the operation: freeze the top delta (snapshot), merge a
+	// frozen delta into the one above it (deleteSnapshot), set a larger
+	// virtual size (grow), or compact the top delta.
+	// +kubebuilder:validation:Enum=snapshot;deleteSnapshot;grow;compact
+	Op string `json:"op"`
+	// GUID is the delta deleteSnapshot merges.
+	// +optional
+	GUID string `json:"guid,omitempty"`
+	// Size is the virtual size in bytes that grow sets.
+	// +kubebuilder:validation:Minimum=0
+	// +optional
+	Size int64 `json:"size,omitempty"`
+}
+
+// The operations of an OnlineRequest.
+const (
+	OnlineSnapshot       = "snapshot"
+	OnlineDeleteSnapshot = "deleteSnapshot"
+	OnlineGrow           = "grow"
+	OnlineCompact        = "compact"
+)
+
+// OnlineResult is a node's answer to an OnlineRequest.
+type OnlineResult struct {
+	// ID is the request's.
+	ID string `json:"id"`
+	// GUID is the delta a snapshot froze.
+	// +optional
+	GUID string `json:"guid,omitempty"`
+	// Error is the operation's failure; none means it was done.
+	// +optional
+	Error *OperationError `json:"error,omitempty"`
 }
 
 // PloopVolumeStatus is what the owning node reports.
@@ -124,6 +176,9 @@ type PloopVolumeStatus struct {
 	// a shared root, online operations go to it.
 	// +optional
 	AttachedNode string `json:"attachedNode,omitempty"`
+	// Online answers spec.online.
+	// +optional
+	Online *OnlineResult `json:"online,omitempty"`
 	// ObservedGeneration is the spec generation the status reports on.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`

@@ -159,8 +159,8 @@ func (r rendered) common() {
 	}
 
 	ctrl := r.controller()
-	if *ctrl.Spec.Replicas != 2 {
-		t.Errorf("controller replicas %d, want 2", *ctrl.Spec.Replicas)
+	if want := int32(2); *ctrl.Spec.Replicas != want && ctrl.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
+		t.Errorf("controller replicas %d, want %d", *ctrl.Spec.Replicas, want) // shared mode checks its own
 	}
 	spec := ctrl.Spec.Template.Spec
 	var names []string
@@ -257,10 +257,20 @@ func (r rendered) sharedMode(root string) {
 	if *d.Spec.StorageCapacity {
 		t.Error("CSIDriver storageCapacity is true in shared mode, where capacity has no topology")
 	}
-	spec := r.controller().Spec.Template.Spec
+	dep := r.controller()
+	if *dep.Spec.Replicas != 1 || dep.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
+		t.Errorf("shared mode: %d controller replicas, strategy %q; the root's catalogue has one owner (1, Recreate)",
+			*dep.Spec.Replicas, dep.Spec.Strategy.Type)
+	}
+	for _, sc := range ofKind(r.objs, "StorageClass") {
+		if sc.GetName() == "simfs" {
+			t.Error("shared mode renders the simfs StorageClass, whose volumes need a node's own root")
+		}
+	}
+	spec := dep.Spec.Template.Spec
 	r.noArgs(container(t, spec, "csi-provisioner"), "--enable-capacity", "--capacity-ownerref-level")
 	drv := container(t, spec, "ploop-csi")
-	r.wantArgs(drv, "--storage-mode=shared", "--storage-root="+root)
+	r.wantArgs(drv, "--storage-mode=shared", "--storage-root="+root, "--overcommit-ratio=1")
 	if m := mount(t, drv, "storage-root"); m.MountPath != root {
 		t.Errorf("the controller mounts the shared root at %s", m.MountPath)
 	}

@@ -57,6 +57,10 @@ var (
 		{namespace, "", "pods", "get"},
 		{namespace, "apps", "replicasets", "get"},
 	}
+	// Only in shared mode, where the controller reports volumes ready.
+	sharedRules = []rule{
+		{cluster, "ploop.io", "ploopvolumes/status ploopsnapshots/status", "patch"},
+	}
 	nodeRules = []rule{
 		{cluster, "ploop.io", "ploopvolumes ploopsnapshots", "get list watch update patch"},
 		{cluster, "ploop.io", "ploopvolumes/status ploopsnapshots/status", "update patch"},
@@ -101,7 +105,7 @@ func TestRBAC(t *testing.T) {
 		want  []map[grant]bool
 	}{
 		{"default", []map[grant]bool{expand(ctrl, controllerRules, capacityRules), expand(node, nodeRules)}},
-		{"shared", []map[grant]bool{expand(ctrl, controllerRules), expand(node, nodeRules)}},
+		{"shared", []map[grant]bool{expand(ctrl, controllerRules, sharedRules), expand(node, nodeRules)}},
 		{"snapshot-controller", []map[grant]bool{expand(ctrl, controllerRules, capacityRules), expand(node, nodeRules),
 			expand(snap, snapshotControllerRules)}},
 	}
