@@ -139,7 +139,7 @@ func Build(ctx context.Context, o Options, out string) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("build image: %w", err)
 	}
-	if err := writeOCIArchive(img, o.Ref, created, out); err != nil {
+	if err := WriteOCIArchive(img, o.Ref, created, out); err != nil {
 		return Result{}, fmt.Errorf("build image: %w", err)
 	}
 	return Result{Digest: digest, Packages: pkgs}, nil
@@ -226,12 +226,12 @@ func assemble(o Options, created time.Time, layers ...[]byte) (v1.Image, error) 
 	return img, nil
 }
 
-// writeOCIArchive writes img as an OCI image layout (oci-layout,
+// WriteOCIArchive writes img as an OCI image layout (oci-layout,
 // index.json, blobs/) in a tar with fixed times. The index names the image
 // twice: io.containerd.image.name is the full reference containerd's
 // importer takes as the image's name, org.opencontainers.image.ref.name is
 // the tag, as the layout spec has it.
-func writeOCIArchive(img v1.Image, ref string, mtime time.Time, out string) error {
+func WriteOCIArchive(img v1.Image, ref string, mtime time.Time, out string) error {
 	dir, err := os.MkdirTemp("", "ploop-csi-oci-")
 	if err != nil {
 		return fmt.Errorf("write OCI layout: %w", err)

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 
@@ -63,17 +64,33 @@ func findEtcd() (string, error) {
 // building it first if needed. Its lock is its own, not vmtest's: a VM test
 // preparing its kernel must not wait for a ten-minute compile.
 func kubeAPIServer(ctx context.Context, logf func(string, ...any)) (string, error) {
-	return cachedbin.Get(ctx, "kube", KubernetesVersion, "kube-apiserver", buildKubeAPIServer, logf)
+	return Binary(ctx, "kube-apiserver", logf)
 }
 
-// buildKubeAPIServer compiles cmd/kube-apiserver into out from a module
-// written in work. k8s.io/kubernetes is not meant to be required: its go.mod
+// Commands are the k8s.io/kubernetes commands Binary builds.
+var Commands = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"}
+
+// Binary returns the cached command (one of Commands) of
+// KubernetesVersion, building it first if needed: the rest of a cluster
+// (the controller manager, the scheduler, a kubelet) comes from the same
+// release as the API server.
+func Binary(ctx context.Context, command string, logf func(string, ...any)) (string, error) {
+	if !slices.Contains(Commands, command) {
+		return "", fmt.Errorf("kubeapi: no command %q (want one of %s)", command, strings.Join(Commands, ", "))
+	}
+	return cachedbin.Get(ctx, "kube", KubernetesVersion, command, func(ctx context.Context, work, out string) error {
+		return buildKubeCommand(ctx, work, out, command)
+	}, logf)
+}
+
+// buildKubeCommand compiles cmd/<command> into out from a module written in
+// work. k8s.io/kubernetes is not meant to be required: its go.mod
 // requires its staging modules at v0.0.0 and replaces them with directories
 // of its own repository, which a dependent does not get. Replacing each with
 // its published release of the same patch level gives the exact sources of
 // the release, and every other dependency stays at the version the release
 // pins.
-func buildKubeAPIServer(ctx context.Context, work, out string) error {
+func buildKubeCommand(ctx context.Context, work, out, command string) error {
 	gomod, err := downloadModFile(ctx, work, "k8s.io/kubernetes@"+KubernetesVersion)
 	if err != nil {
 		return err
@@ -90,7 +107,7 @@ func buildKubeAPIServer(ctx context.Context, work, out string) error {
 		return err
 	}
 	args := []string{"build", "-trimpath", "-ldflags", versionLDFlags(KubernetesVersion),
-		"-o", out, "k8s.io/kubernetes/cmd/kube-apiserver"}
+		"-o", out, "k8s.io/kubernetes/cmd/" + command}
 	name := "go"
 	// The machine is shared with VM tests whose timing matters more than
 	// this compile's.

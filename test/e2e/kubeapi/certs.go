@@ -81,16 +81,15 @@ func (ca *certAuthority) issue(tmpl *x509.Certificate) (certPEM, keyPEM []byte, 
 }
 
 // servingCert covers how a client on this machine reaches the server
-// (127.0.0.1, localhost) and the in-cluster names and service IP, so a
-// later test that points a kubelet or pod at it through a forward needs no
-// new certificate.
-func (ca *certAuthority) servingCert(serviceIP net.IP) (certPEM, keyPEM []byte, err error) {
+// (127.0.0.1, localhost), the in-cluster names, and ips (the service IP,
+// and where forwards present the server).
+func (ca *certAuthority) servingCert(ips ...net.IP) (certPEM, keyPEM []byte, err error) {
 	return ca.issue(&x509.Certificate{
 		Subject:     pkix.Name{CommonName: "kube-apiserver"},
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames: []string{"localhost", "kubernetes", "kubernetes.default",
 			"kubernetes.default.svc", "kubernetes.default.svc.cluster.local"},
-		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), serviceIP},
+		IPAddresses: append([]net.IP{net.IPv4(127, 0, 0, 1)}, ips...),
 	})
 }
 

@@ -1,6 +1,7 @@
 package kubeapi
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/discovery"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -123,9 +125,34 @@ func (s *Server) Client(adds ...func(*runtime.Scheme) error) (client.Client, *ru
 // WriteKubeconfig writes a kubeconfig with the admin's credentials to path,
 // for programs the tests run against the server (ploop-csi, helm).
 func (s *Server) WriteKubeconfig(path string) error {
-	rc := s.Config()
+	return writeKubeconfig(path, s.Config(), "")
+}
+
+// WriteKubeconfigFor writes a kubeconfig that authenticates as user in
+// groups (as ConfigFor) to path; server, when set, replaces the server's
+// URL (its address through a forward, such as a VM's).
+func (s *Server) WriteKubeconfigFor(path, server, user string, groups ...string) error {
+	rc, err := s.ConfigFor(user, groups...)
+	if err != nil {
+		return err
+	}
+	return writeKubeconfig(path, rc, server)
+}
+
+// CACertPEM is the certificate of the CA that signs the serving and client
+// certificates.
+func (s *Server) CACertPEM() []byte { return bytes.Clone(s.ca.certPEM) }
+
+// Dir is the server's state directory: certificates, the service-account
+// key (sa.key) and the logs, removed by Stop.
+func (s *Server) Dir() string { return s.dir }
+
+func writeKubeconfig(path string, rc *rest.Config, server string) error {
+	if server == "" {
+		server = rc.Host
+	}
 	kc := clientcmdapi.NewConfig()
-	kc.Clusters["test"] = &clientcmdapi.Cluster{Server: rc.Host, CertificateAuthorityData: rc.CAData}
+	kc.Clusters["test"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: rc.CAData}
 	kc.AuthInfos["admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: rc.CertData, ClientKeyData: rc.KeyData}
 	kc.Contexts["test"] = &clientcmdapi.Context{Cluster: "test", AuthInfo: "admin"}
 	kc.CurrentContext = "test"

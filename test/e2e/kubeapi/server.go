@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,8 +25,8 @@ import (
 
 // Options tune a Server.
 type Options struct {
-	// Args are extra kube-apiserver flags, after the harness's own, so a
-	// single-valued flag given here wins (list-valued flags add up).
+	// Args are extra kube-apiserver flags (--name=value); one the harness
+	// sets too replaces the harness's.
 	Args []string
 	// StartTimeout bounds Start after the binaries are found or built
 	// (default 2 minutes: a start takes a few seconds on an idle machine,
@@ -33,6 +34,9 @@ type Options struct {
 	StartTimeout time.Duration
 	// Logf receives progress (the build, the start time); nil discards it.
 	Logf func(string, ...any)
+	// ServingIPs are further addresses the serving certificate covers:
+	// how a forward presents the server elsewhere (a VM's guest net).
+	ServingIPs []net.IP
 }
 
 // AdminUser is the identity of Config: a member of system:masters, which
@@ -53,6 +57,9 @@ type Server struct {
 	admin     *rest.Config
 	etcd      *process
 	apiserver *process
+	mu        sync.Mutex
+	others    []*process // StartComponent's, killed first by Stop
+	stopping  bool       // set by Stop: StartComponent refuses
 	stopOnce  sync.Once
 	done      chan struct{} // closed by Stop
 }
@@ -129,7 +136,7 @@ func Start(ctx context.Context, opts Options) (*Server, error) {
 		return nil, err
 	}
 	s := &Server{dir: dir, done: make(chan struct{})}
-	if err := s.start(ctx, paths, opts.Args); err != nil {
+	if err := s.start(ctx, paths, opts.Args, opts.ServingIPs); err != nil {
 		s.Stop()
 		return nil, err
 	}
@@ -157,13 +164,13 @@ func scratchBase() string {
 	return os.TempDir()
 }
 
-func (s *Server) start(ctx context.Context, paths Paths, extra []string) error {
+func (s *Server) start(ctx context.Context, paths Paths, extra []string, servingIPs []net.IP) error {
 	var err error
 	if s.ca, err = newCA(); err != nil {
 		return fmt.Errorf("create CA: %w", err)
 	}
 	serviceIP := net.IPv4(10, 0, 0, 1) // the first address of serviceCIDR: the kubernetes Service's
-	servingCert, servingKey, err := s.ca.servingCert(serviceIP)
+	servingCert, servingKey, err := s.ca.servingCert(append([]net.IP{serviceIP}, servingIPs...)...)
 	if err != nil {
 		return fmt.Errorf("create serving certificate: %w", err)
 	}
@@ -228,7 +235,7 @@ func (s *Server) start(ctx context.Context, paths Paths, extra []string) error {
 			"--profiling=false",
 		}
 		s.apiserver, err = startProcess("kube-apiserver", filepath.Join(s.dir, "kube-apiserver.log"),
-			paths.KubeAPIServer, append(args, extra...)...)
+			paths.KubeAPIServer, overrideFlags(args, extra)...)
 		if err != nil {
 			return err
 		}
@@ -242,6 +249,19 @@ func (s *Server) start(ctx context.Context, paths Paths, extra []string) error {
 		}
 		return err
 	}
+}
+
+// overrideFlags is base without the flags extra sets, then extra: some of
+// kube-apiserver's flags refuse to be given twice.
+func overrideFlags(base, extra []string) []string {
+	name := func(a string) string { n, _, _ := strings.Cut(a, "="); return n }
+	var out []string
+	for _, b := range base {
+		if !slices.ContainsFunc(extra, func(e string) bool { return name(e) == name(b) }) {
+			out = append(out, b)
+		}
+	}
+	return append(out, extra...)
 }
 
 // startEtcd runs a single-member etcd whose client and peer URLs are on
@@ -356,6 +376,13 @@ func (s *Server) ConfigFor(user string, groups ...string) (*rest.Config, error) 
 func (s *Server) Stop() {
 	s.stopOnce.Do(func() {
 		// Nothing is kept, so there is nothing to shut down gracefully for.
+		s.mu.Lock()
+		others := s.others
+		s.stopping = true
+		s.mu.Unlock()
+		for _, p := range others {
+			p.kill()
+		}
 		if s.apiserver != nil {
 			s.apiserver.kill()
 		}
@@ -375,6 +402,42 @@ func (s *Server) stopped() bool {
 		return false
 	}
 }
+
+// Component is a further process of the control plane (a controller
+// manager, a scheduler) that StartComponent started.
+type Component struct{ p *process }
+
+// LogTail is the end of the component's log.
+func (c *Component) LogTail() string { return c.p.logTail() }
+
+// Exited reports whether the component has exited, and its Wait error.
+func (c *Component) Exited() (bool, error) {
+	select {
+	case <-c.p.done:
+		return true, c.p.err
+	default:
+		return false, nil
+	}
+}
+
+// StartComponent runs bin with args beside the server, its output in a log
+// of the server's directory; Stop kills it before the server.
+func (s *Server) StartComponent(name, bin string, args ...string) (*Component, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.stopping {
+		return nil, fmt.Errorf("start %s: the server is stopped", name)
+	}
+	p, err := startProcess(name, filepath.Join(s.dir, name+".log"), bin, args...)
+	if err != nil {
+		return nil, err
+	}
+	s.others = append(s.others, p)
+	return &Component{p: p}, nil
+}
+
+// APIServerLogTail is the end of kube-apiserver's log.
+func (s *Server) APIServerLogTail() string { return s.apiserver.logTail() }
 
 // freePort is a loopback TCP port nothing listened on a moment ago.
 func freePort() (int, error) {

@@ -39,6 +39,63 @@ type Options struct {
 	QEMU string
 	// Env adds KEY=VALUE pairs to the guest command's environment.
 	Env []string
+	// Network, when set, gives the guest a NIC (eth0, GuestIP) on qemu's
+	// user network with restrict=on: the guest reaches nothing but the
+	// GuestFwd addresses, and nothing reaches it but the HostFwd ports.
+	// Without it the guest has only loopback.
+	Network *Network
+}
+
+// Network is the guest's restricted link to the host's loopback.
+type Network struct {
+	// GuestFwd relays each connection the guest opens to an address of
+	// the guest net (GuestNet) to a port on the host's 127.0.0.1, through
+	// a socat spawned per connection.
+	GuestFwd []GuestFwd
+	// HostFwd relays connections to ports on the host's 127.0.0.1 to
+	// ports of the guest.
+	HostFwd []HostFwd
+}
+
+// GuestFwd maps GuestAddr (IP:port on GuestNet) to the host's
+// 127.0.0.1:HostPort.
+type GuestFwd struct {
+	GuestAddr string
+	HostPort  int
+}
+
+// HostFwd maps the host's 127.0.0.1:HostPort to the guest's GuestPort.
+type HostFwd struct {
+	HostPort, GuestPort int
+}
+
+// The guest net: a documentation range (RFC 5737) that exists only
+// inside qemu; the host side never sends to it.
+const (
+	GuestNet  = "192.0.2.0/24"
+	GuestIP   = "192.0.2.15"
+	GatewayIP = "192.0.2.2"
+)
+
+// nicArg is qemu's -nic value for n.
+func (n *Network) nicArg() (string, error) {
+	if _, err := exec.LookPath("socat"); err != nil && len(n.GuestFwd) > 0 {
+		return "", fmt.Errorf("vmtest: a guest forward needs socat on the host (see .ci/deps): %w", err)
+	}
+	a := "user,model=virtio-net-pci,restrict=on,net=" + GuestNet + ",host=" + GatewayIP + ",dhcpstart=" + GuestIP
+	for _, f := range n.GuestFwd {
+		if strings.ContainsAny(f.GuestAddr, ", ") || f.HostPort <= 0 || f.HostPort > 65535 {
+			return "", fmt.Errorf("vmtest: guest forward %q -> %d", f.GuestAddr, f.HostPort)
+		}
+		a += fmt.Sprintf(",guestfwd=tcp:%s-cmd:socat - TCP:127.0.0.1:%d", f.GuestAddr, f.HostPort)
+	}
+	for _, f := range n.HostFwd {
+		if f.HostPort <= 0 || f.HostPort > 65535 || f.GuestPort <= 0 || f.GuestPort > 65535 {
+			return "", fmt.Errorf("vmtest: host forward %d -> %d", f.HostPort, f.GuestPort)
+		}
+		a += fmt.Sprintf(",hostfwd=tcp:127.0.0.1:%d-%s:%d", f.HostPort, GuestIP, f.GuestPort)
+	}
+	return a, nil
 }
 
 // Command is what Exec runs in the guest, as root, chrooted into the host's
@@ -207,6 +264,7 @@ type config struct {
 	Options
 	AccelWhy string // why Accel was chosen, for the log
 	Debug    bool   // $PLOOP_CSI_VM_DEBUG=1: show the boot console and kernel log
+	nic      string // qemu's -nic value of Network; "" for none
 }
 
 func resolveOptions(o Options) (config, error) {
@@ -226,6 +284,11 @@ func resolveOptions(o Options) (config, error) {
 		return c, fmt.Errorf("vmtest: need at least 256 MiB and 1..64 CPUs, got %d MiB, %d CPUs", c.MemoryMiB, c.CPUs)
 	}
 	c.Debug = os.Getenv("PLOOP_CSI_VM_DEBUG") == "1"
+	if c.Network != nil {
+		if c.nic, err = c.Network.nicArg(); err != nil {
+			return c, err
+		}
+	}
 	if c.Timeout == 0 {
 		c.Timeout = 10 * time.Minute
 	}
@@ -302,6 +365,11 @@ func qemuArgs(c config, bootFiles bootFiles, xchg, nonce, keep string) []string 
 	if rc := os.Getenv("PLOOP_CSI_VM_ROOTCACHE"); rc != "" {
 		cmdline += " vmtest.rootcache=" + rc
 	}
+	nic := "none"
+	if c.nic != "" {
+		nic = c.nic
+		cmdline += " vmtest.net=1"
+	}
 	cpu := "max"
 	if c.Accel == "kvm" {
 		// arch-capabilities: some nested KVMs refuse its MSR and abort qemu.
@@ -328,7 +396,7 @@ func qemuArgs(c config, bootFiles bootFiles, xchg, nonce, keep string) []string 
 		"-smp", strconv.Itoa(c.CPUs),
 		"-nodefaults", "-no-user-config",
 		"-nographic", "-serial", "stdio",
-		"-nic", "none",
+		"-nic", nic,
 		"-no-reboot",
 		"-initrd", bootFiles.Initramfs,
 		"-append", cmdline,

@@ -36,6 +36,13 @@ func guestModules() []guestModule {
 		// flush and FUA flags, for power-loss replay tests.
 		{Name: "dm-mod"},
 		{Name: "dm-log-writes"},
+		// A NIC for tests that give the guest a network (Options.Network);
+		// overlayfs for containerd's snapshotter, a bridge and veth pairs
+		// for pods' addresses (package cluster).
+		{Name: "virtio_net"},
+		{Name: "overlay"},
+		{Name: "bridge"},
+		{Name: "veth"},
 	}
 }
 
@@ -84,6 +91,7 @@ keep=
 rootcache=loose
 nonce=
 debug=
+net=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	vmtest.xchg=*) xchg=${arg#vmtest.xchg=} ;;
@@ -91,6 +99,7 @@ for arg in $(cat /proc/cmdline); do
 	vmtest.nonce=*) nonce=${arg#vmtest.nonce=} ;;
 	vmtest.debug=1) debug=1 ;;
 	vmtest.rootcache=*) rootcache=${arg#vmtest.rootcache=} ;;
+	vmtest.net=1) net=1 ;;
 	esac
 done
 step() { [ -z "$debug" ] || echo "vmtest-init: $* (uptime $(cat /proc/uptime))"; }
@@ -129,6 +138,9 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 xchg "$R$xchg" || fail
 step "mounts done"
 wait $modpid || fail "$(cat /modfail)"
 step "all modules loaded"
+if [ -n "$net" ]; then
+	ip link set eth0 up && ip addr add ` + GuestIP + `/24 dev eth0 && ip route add default via ` + GatewayIP + ` || fail "network eth0"
+fi
 echo "<<vmtest:$nonce:start>>"
 chroot $R /bin/sh "$xchg/` + guestCommandScript + `" </dev/null >/dev/console 2>&1
 rc=$?

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -216,4 +219,96 @@ func TestFailingGuestFixture(t *testing.T) {
 		return
 	}
 	Run(t, Options{}, []Case{{Name: "Fails", Run: func(t *testing.T) { t.Fatal("deliberate guest failure") }}})
+}
+
+// TestExecNetwork: with Options.Network the guest reaches the host's
+// loopback only through its guest forwards, and the host reaches the
+// guest only through its host forwards; any other address fails at once.
+func TestExecNetwork(t *testing.T) {
+	if InGuest() {
+		return
+	}
+	skipVMTest(t)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lis.Close()
+	go func() {
+		for {
+			c, err := lis.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("hello-from-host\n"))
+			c.Close()
+		}
+	}()
+	hostPort := lis.Addr().(*net.TCPAddr).Port
+	fwd, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fwdPort := fwd.Addr().(*net.TCPAddr).Port
+	fwd.Close() // qemu binds it
+	xchg := t.TempDir()
+	script := `set -u
+x=$PLOOP_CSI_VM_EXCHANGE_DIR
+ip -4 addr show dev eth0 | grep -o 'inet [0-9.]*'
+echo "via-guestfwd=$(socat -T5 - TCP:192.0.2.100:80 </dev/null)"
+timeout 10 socat -T5 - TCP:192.0.2.2:22 </dev/null && echo reached-gateway-port || echo gateway-refused
+timeout 10 socat -T5 - TCP:10.0.2.2:80 </dev/null && echo reached-elsewhere || echo elsewhere-refused
+socat TCP-LISTEN:8080,reuseaddr,fork SYSTEM:'echo hello-from-guest' &
+for i in $(seq 100); do socat -T1 - TCP:127.0.0.1:8080 </dev/null >/dev/null 2>&1 && break; sleep 0.1; done
+touch $x/listening
+for i in $(seq 600); do [ -e $x/done ] && exit 0; sleep 0.1; done
+exit 3`
+	var out bytes.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	got := make(chan string, 1)
+	go func() {
+		defer os.WriteFile(filepath.Join(xchg, "done"), nil, 0o644)
+		tick := time.NewTicker(50 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			if _, err := os.Stat(filepath.Join(xchg, "listening")); err == nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				got <- "gave up: " + ctx.Err().Error()
+				return
+			case <-tick.C:
+			}
+		}
+		c, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(fwdPort), 10*time.Second)
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		b, _ := io.ReadAll(c)
+		got <- string(b)
+	}()
+	res, err := Exec(ctx, Options{Network: &Network{
+		GuestFwd: []GuestFwd{{GuestAddr: "192.0.2.100:80", HostPort: hostPort}},
+		HostFwd:  []HostFwd{{HostPort: fwdPort, GuestPort: 8080}},
+	}}, Command{Args: []string{"sh", "-c", script}, ExchangeDir: xchg, Output: &out, Logf: t.Logf})
+	t.Logf("guest output:\n%s", out.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ExitStatus != 0 {
+		t.Errorf("guest exit status %d", res.ExitStatus)
+	}
+	for _, want := range []string{"inet " + GuestIP, "via-guestfwd=hello-from-host", "gateway-refused", "elsewhere-refused"} {
+		if !strings.Contains(out.String(), want+"\n") {
+			t.Errorf("guest output lacks line %q", want)
+		}
+	}
+	if g := <-got; g != "hello-from-guest\n" {
+		t.Errorf("through the host forward: %q", g)
+	}
 }
