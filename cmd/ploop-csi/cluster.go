@@ -25,6 +25,7 @@ import (
 	"github.com/ploop-csi/ploop-csi/pkg/catalog"
 	"github.com/ploop-csi/ploop-csi/pkg/clustercatalog"
 	"github.com/ploop-csi/ploop-csi/pkg/driver"
+	"github.com/ploop-csi/ploop-csi/pkg/kubeletplugin"
 	"github.com/ploop-csi/ploop-csi/pkg/metrics"
 	"github.com/ploop-csi/ploop-csi/pkg/nodeagent"
 	"github.com/ploop-csi/ploop-csi/pkg/orphans"
@@ -71,10 +72,12 @@ type csiServer struct {
 	d       *driver.Driver
 	lis     net.Listener
 	serving atomic.Bool
+	started chan struct{} // closed as serving begins
 }
 
 func (s *csiServer) Start(ctx context.Context) error {
 	s.serving.Store(true)
+	close(s.started)
 	defer s.serving.Store(false)
 	return s.d.Serve(ctx, s.lis)
 }
@@ -254,9 +257,23 @@ func serveCluster(ctx context.Context, stop func(), o options, ver, sock string,
 			err = errors.Join(err, cerr)
 		}
 	}()
-	srv := &csiServer{d: d, lis: lis}
+	srv := &csiServer{d: d, lis: lis, started: make(chan struct{})}
 	if err := mgr.Add(srv); err != nil {
 		return err
+	}
+	if o.registrationDir != "" {
+		reg, err := kubeletplugin.New(o.driverName, o.kubeletRegistrationPath, klog.Background().WithName("registration"))
+		if err != nil {
+			return err
+		}
+		if err := mgr.Add(&registrationServer{reg: reg, path: kubeletplugin.SocketPath(o.registrationDir, o.driverName), csi: srv.started}); err != nil {
+			return err
+		}
+		// Ready once the kubelet knows the driver: until then it can
+		// stage nothing here.
+		if err := mgr.AddReadyzCheck("kubelet-registration", func(*http.Request) error { return reg.Registered() }); err != nil {
+			return err
+		}
 	}
 	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 		return err
@@ -286,6 +303,32 @@ func inClusterNamespace() string {
 }
 
 func ptrDuration(d time.Duration) *time.Duration { return &d }
+
+// registrationServer serves the kubelet's registration socket once the CSI
+// socket is served: the kubelet calls NodeGetInfo as soon as it has read
+// the registration, and does not retry a failure until the registration
+// socket is made again.
+type registrationServer struct {
+	reg  *kubeletplugin.Registration
+	path string
+	csi  <-chan struct{}
+}
+
+func (r *registrationServer) Start(ctx context.Context) error {
+	select {
+	case <-r.csi:
+	case <-ctx.Done():
+		return nil
+	}
+	lis, closeLis, err := listenUnix(r.path)
+	if err != nil {
+		return fmt.Errorf("kubelet registration: %w", err)
+	}
+	defer closeLis()
+	return r.reg.Serve(ctx, lis)
+}
+
+func (r *registrationServer) NeedLeaderElection() bool { return false }
 
 // openSharedCatalog opens the catalogue of a shared root for the
 // controller. Another process may still hold it for a while (the previous

@@ -15,11 +15,14 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/ploop-csi/ploop-csi/pkg/api/v1alpha1"
@@ -156,12 +159,40 @@ func TestClusterModes(t *testing.T) {
 	nodeMetrics, nodeHealth, ctlMetrics, ctlHealth := freeAddr(t), freeAddr(t), freeAddr(t), freeAddr(t)
 
 	node := &testNode{}
+	regDir := filepath.Join(dir, "registry")
+	if err := os.Mkdir(regDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	start(t, []string{"--mode", "node", "--nodeid", "node-1", "--storage-root", root, "--endpoint", "unix://" + nodeSock,
-		"--kubeconfig", kc, "--metrics-address", nodeMetrics, "--health-address", nodeHealth, "--trim-interval", "0"},
+		"--kubeconfig", kc, "--metrics-address", nodeMetrics, "--health-address", nodeHealth, "--trim-interval", "0",
+		"--registration-dir", regDir, "--kubelet-registration-path", "/var/lib/kubelet/plugins/csi.ploop.io/csi.sock"},
 		func(ctx context.Context, cfg nodeConfig) (nodeAttachments, error) { node.cfg = cfg; return node, nil })
 	start(t, []string{"--mode", "controller", "--nodeid", "controller-0", "--endpoint", "unix://" + ctlSock,
 		"--kubeconfig", kc, "--metrics-address", ctlMetrics, "--health-address", ctlHealth, "--leader-election-namespace", "default"}, nil)
 
+	// The kubelet's side of the built-in registration: the node plugin is
+	// not ready until the kubelet has registered it.
+	regSock := filepath.Join(regDir, "csi.ploop.io-reg.sock")
+	eventually(t, ctx, "the registration socket", func() error { _, err := os.Stat(regSock); return err })
+	if code, _, err := httpGet(ctx, "http://"+nodeHealth+"/readyz"); err == nil && code == http.StatusOK {
+		t.Error("the node plugin is ready before the kubelet registered it")
+	}
+	regConn, err := grpc.NewClient("unix://"+regSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer regConn.Close()
+	kubelet := registerapi.NewRegistrationClient(regConn)
+	if info, err := kubelet.GetInfo(ctx, &registerapi.InfoRequest{}); err != nil ||
+		info.GetName() != "csi.ploop.io" || info.GetEndpoint() != "/var/lib/kubelet/plugins/csi.ploop.io/csi.sock" {
+		t.Fatalf("GetInfo: %v, %v", info, err)
+	}
+	if _, err := kubelet.NotifyRegistrationStatus(ctx, &registerapi.RegistrationStatus{PluginRegistered: true}); err != nil {
+		t.Fatal(err)
+	}
+	if st, err := os.Stat(regSock); err != nil || st.Mode().Perm() != 0o600 {
+		t.Errorf("registration socket: %v, %v; want mode 0600", st, err)
+	}
 	for _, addr := range []string{nodeHealth, ctlHealth} {
 		for _, path := range []string{"/healthz", "/readyz"} {
 			eventually(t, ctx, addr+path, func() error {

@@ -94,6 +94,8 @@ type options struct {
 	deleteOrphans           bool
 	orphanInterval          time.Duration
 	orphanGrace             time.Duration
+	registrationDir         string
+	kubeletRegistrationPath string
 }
 
 func flags(o *options, stderr io.Writer) *flag.FlagSet {
@@ -118,6 +120,10 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.storageMode, "storage-mode", storageLocal, "controller and node modes: local (each node's root is its own; volumes have the node's topology) "+
 		"or shared (the root is one filesystem mounted at the same path on every node, such as NFS or CephFS: the controller owns its catalogue "+
 		"and needs the root mounted too; volumes have no topology; ploop only)")
+	fs.StringVar(&o.registrationDir, "registration-dir", "", "node mode: register with the kubelet through this directory (the kubelet's plugins_registry, "+
+		"as mounted here) instead of a node-driver-registrar sidecar; empty: off")
+	fs.StringVar(&o.kubeletRegistrationPath, "kubelet-registration-path", "", "node mode with --registration-dir: the CSI socket's path as the kubelet sees it "+
+		"(e.g. /var/lib/kubelet/plugins/csi.ploop.io/csi.sock)")
 	fs.StringVar(&o.driverName, "drivername", driver.DefaultName, "the driver's name (the CSIDriver object's)")
 	fs.StringVar(&o.kubeletDir, "kubelet-dir", "", "when set (e.g. /var/lib/kubelet), staging and target paths must lie below it; "+
 		"empty accepts any absolute path outside the storage root")
@@ -156,6 +162,8 @@ func (o *options) check() error {
 		return fmt.Errorf("--storage-mode %q: want %s or %s", o.storageMode, storageLocal, storageShared)
 	case o.storageMode == storageShared && o.mode == string(driver.ModeAll):
 		return fmt.Errorf("--storage-mode %s needs --mode controller or node: one process over a root is mode all's own case", storageShared)
+	case o.registrationDir != "" && (o.mode != string(driver.ModeNode) || o.kubeletRegistrationPath == ""):
+		return errors.New("--registration-dir needs --mode node and --kubelet-registration-path")
 	case o.nbdConnections < 0 || o.nbdConnections > 64:
 		return fmt.Errorf("--nbd-connections %d: want 0 (the default) to 64", o.nbdConnections)
 	}

@@ -70,3 +70,12 @@ app.kubernetes.io/component: {{ .component }}
 - --metrics-address=:{{ .Values.metrics.port }}
 {{- end }}
 {{- end -}}
+
+{{/* KUBERNETES_SERVICE_HOST/PORT for containers that talk to the API
+server; used only when kubernetesAPI.host overrides the in-cluster address. */}}
+{{- define "ploop-csi.apiEnv" -}}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.kubernetesAPI.host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.kubernetesAPI.port | toString | quote }}
+{{- end -}}

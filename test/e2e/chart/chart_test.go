@@ -54,10 +54,11 @@ func TestRendered(t *testing.T) {
 	for _, c := range combos {
 		t.Run(c.name, func(t *testing.T) {
 			objs := render(t, helmbin3, c)
-			r := rendered{t: t, objs: objs}
+			r := rendered{t: t, objs: objs, combo: c.name}
 			r.common()
 			switch c.name {
 			case "default":
+				r.wantArgs(container(t, r.controller().Spec.Template.Spec, "ploop-csi"), "--health-address=:9810")
 				r.localMode()
 				r.noMetrics()
 				r.classes(true, true, true, true, false)
@@ -74,6 +75,8 @@ func TestRendered(t *testing.T) {
 				r.snapshotController()
 			case "classes":
 				r.classes(true, false, false, false, true)
+			case "e2e":
+				r.e2e()
 			default:
 				t.Fatalf("combination %s has no checks", c.name)
 			}
@@ -82,9 +85,14 @@ func TestRendered(t *testing.T) {
 }
 
 type rendered struct {
-	t    *testing.T
-	objs []*unstructured.Unstructured
+	t     *testing.T
+	objs  []*unstructured.Unstructured
+	combo string
 }
+
+// sidecars reports whether the combination runs the registrar and the
+// liveness-probe sidecars.
+func (r rendered) sidecars() bool { return r.combo != "e2e" }
 
 func (r rendered) controller() *appsv1.Deployment {
 	return as[appsv1.Deployment](r.t, find(r.objs, "Deployment", "ploop-csi-controller"))
@@ -159,7 +167,11 @@ func (r rendered) common() {
 	}
 
 	ctrl := r.controller()
-	if want := int32(2); *ctrl.Spec.Replicas != want && ctrl.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
+	want := int32(2)
+	if r.combo == "e2e" {
+		want = 1
+	}
+	if *ctrl.Spec.Replicas != want && ctrl.Spec.Strategy.Type != appsv1.RecreateDeploymentStrategyType {
 		t.Errorf("controller replicas %d, want %d", *ctrl.Spec.Replicas, want) // shared mode checks its own
 	}
 	spec := ctrl.Spec.Template.Spec
@@ -167,12 +179,16 @@ func (r rendered) common() {
 	for _, c := range spec.Containers {
 		names = append(names, c.Name)
 	}
-	if want := []string{"ploop-csi", "csi-provisioner", "csi-snapshotter", "csi-resizer", "liveness-probe"}; !reflect.DeepEqual(names, want) {
-		t.Errorf("controller containers %q, want %q", names, want)
+	wantNames := []string{"ploop-csi", "csi-provisioner", "csi-snapshotter", "csi-resizer", "liveness-probe"}
+	if !r.sidecars() {
+		wantNames = wantNames[:4]
+	}
+	if !reflect.DeepEqual(names, wantNames) {
+		t.Errorf("controller containers %q, want %q", names, wantNames)
 	}
 	drv := container(t, spec, "ploop-csi")
 	r.wantArgs(drv, "--mode=controller", "--nodeid=$(NODE_NAME)", "--endpoint=unix:///csi/csi.sock", "--drivername=csi.ploop.io",
-		"--v=2", "--leader-elect=true", "--leader-election-namespace=$(NAMESPACE)", "--health-address=:9810")
+		"--v=2", "--leader-elect=true", "--leader-election-namespace=$(NAMESPACE)")
 	prov := container(t, spec, "csi-provisioner")
 	r.wantArgs(prov, "--csi-address=/csi/csi.sock", "--feature-gates=Topology=true", "--extra-create-metadata",
 		"--leader-election", "--leader-election-namespace=$(NAMESPACE)", "--default-fstype=ext4", "--timeout=60s")
@@ -187,7 +203,9 @@ func (r rendered) common() {
 	}
 	r.wantArgs(container(t, spec, "csi-snapshotter"), "--csi-address=/csi/csi.sock", "--leader-election", "--extra-create-metadata")
 	r.wantArgs(container(t, spec, "csi-resizer"), "--csi-address=/csi/csi.sock", "--leader-election", "--handle-volume-inuse-error=false")
-	r.wantArgs(container(t, spec, "liveness-probe"), "--csi-address=/csi/csi.sock")
+	if r.sidecars() {
+		r.wantArgs(container(t, spec, "liveness-probe"), "--csi-address=/csi/csi.sock")
+	}
 
 	node := r.node()
 	ns := node.Spec.Template.Spec
@@ -225,7 +243,60 @@ func (r rendered) common() {
 	if load.Image != nd.Image {
 		t.Errorf("the init container's image %s is not the driver's %s", load.Image, nd.Image)
 	}
-	r.wantArgs(container(t, ns, "liveness-probe"), "--csi-address=/csi/csi.sock")
+	if r.sidecars() {
+		r.wantArgs(container(t, ns, "liveness-probe"), "--csi-address=/csi/csi.sock")
+		r.wantArgs(container(t, ns, "node-driver-registrar"), "--csi-address=/csi/csi.sock")
+	}
+}
+
+// e2e: the end-to-end cluster's combination. The driver registers itself
+// with the kubelet; the kubelet probes the driver's own /healthz; every
+// container that talks to the API server is told the forward's address;
+// both pods are on the node's network, on ports apart.
+func (r rendered) e2e() {
+	t := r.t
+	ctl, node := r.controller().Spec.Template.Spec, r.node().Spec.Template.Spec
+	for name, spec := range map[string]corev1.PodSpec{"controller": ctl, "node": node} {
+		if !spec.HostNetwork || spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet {
+			t.Errorf("%s: hostNetwork %v, dnsPolicy %q", name, spec.HostNetwork, spec.DNSPolicy)
+		}
+		drv := container(t, spec, "ploop-csi")
+		if p := drv.LivenessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/healthz" || p.HTTPGet.Port.StrVal != "health" {
+			t.Errorf("%s: the liveness probe is not the driver's own /healthz: %+v", name, p)
+		}
+		for _, port := range drv.Ports {
+			if port.Name == "probe" {
+				t.Errorf("%s: a probe port without the liveness-probe sidecar", name)
+			}
+		}
+	}
+	var names []string
+	for _, c := range node.Containers {
+		names = append(names, c.Name)
+	}
+	if !reflect.DeepEqual(names, []string{"ploop-csi"}) {
+		t.Errorf("node containers %q, want the driver alone", names)
+	}
+	nd := container(t, node, "ploop-csi")
+	r.wantArgs(nd, "--registration-dir=/registration", "--kubelet-registration-path=/var/lib/kubelet/plugins/csi.ploop.io/csi.sock")
+	if m := mount(t, nd, "registration-dir"); m.MountPath != "/registration" {
+		t.Errorf("registration dir mounted at %s", m.MountPath)
+	}
+	if v := volume(t, node, "registration-dir"); v.HostPath == nil || v.HostPath.Path != "/var/lib/kubelet/plugins_registry" {
+		t.Errorf("registration dir volume %+v", v.VolumeSource)
+	}
+	r.wantArgs(container(t, ctl, "ploop-csi"), "--health-address=:9811")
+	r.wantArgs(nd, "--health-address=:9810")
+	for _, c := range []corev1.Container{nd, container(t, ctl, "ploop-csi"), container(t, ctl, "csi-provisioner"),
+		container(t, ctl, "csi-snapshotter"), container(t, ctl, "csi-resizer")} {
+		env := map[string]string{}
+		for _, e := range c.Env {
+			env[e.Name] = e.Value
+		}
+		if env["KUBERNETES_SERVICE_HOST"] != "192.0.2.100" || env["KUBERNETES_SERVICE_PORT"] != "6443" {
+			t.Errorf("%s does not reach the API server through the forward: %v", c.Name, env)
+		}
+	}
 }
 
 func (r rendered) localMode() {

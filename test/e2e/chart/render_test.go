@@ -46,6 +46,10 @@ var combos = []combo{
 	{name: "snapshot-controller", set: []string{"snapshotController.install=true"}},
 	{name: "classes", set: []string{"storageClasses.ploopExt4.default=true", "storageClasses.ploopXfs.enabled=false",
 		"storageClasses.simfs.enabled=false", "volumeSnapshotClass.enabled=false"}},
+	// The end-to-end cluster's: no registrar or livenessprobe image, pods
+	// on the node's network, the API server through the VM's forward.
+	{name: "e2e", set: []string{"node.registration=builtin", "livenessProbeSidecar=false", "hostNetwork=true",
+		"kubernetesAPI.host=192.0.2.100", "kubernetesAPI.port=6443", "controller.healthPort=9811", "controller.replicas=1"}},
 }
 
 var helms = []string{helmbin.V3, helmbin.V4}
