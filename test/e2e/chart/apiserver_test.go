@@ -1,9 +1,7 @@
 package chart
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -25,6 +23,7 @@ import (
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/restmapper"
 
+	"github.com/ploop-csi/ploop-csi/test/e2e/gomod"
 	"github.com/ploop-csi/ploop-csi/test/e2e/kubeapi"
 )
 
@@ -38,20 +37,11 @@ const snapshotCRDModule = "github.com/kubernetes-csi/external-snapshotter/client
 // the module).
 func snapshotCRDs(ctx context.Context, t *testing.T) string {
 	t.Helper()
-	cmd := exec.CommandContext(ctx, "go", "mod", "download", "-json", snapshotCRDModule)
-	cmd.Dir = t.TempDir() // outside the project's module
-	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=mod")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
+	dir, err := gomod.Dir(ctx, snapshotCRDModule)
 	if err != nil {
-		t.Fatalf("go mod download %s: %v\n%s", snapshotCRDModule, err, stderr.String())
+		t.Fatal(err)
 	}
-	var info struct{ Dir, Error string }
-	if err := json.Unmarshal(out, &info); err != nil || info.Error != "" || info.Dir == "" {
-		t.Fatalf("go mod download %s: %v %q", snapshotCRDModule, err, info.Error)
-	}
-	return filepath.Join(info.Dir, "config", "crd")
+	return filepath.Join(dir, "config", "crd")
 }
 
 // The ServiceMonitor CRD is generated, as the Prometheus Operator

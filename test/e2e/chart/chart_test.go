@@ -213,8 +213,13 @@ func (r rendered) common() {
 		t.Error("the node plugin shares the host's PID namespace")
 	}
 	nd := container(t, ns, "ploop-csi")
-	if nd.SecurityContext == nil || nd.SecurityContext.Privileged == nil || !*nd.SecurityContext.Privileged {
-		t.Error("the node plugin is not privileged")
+	// The image's user is unprivileged: the node's containers must be
+	// root as well as privileged, or they keep no capability.
+	for _, c := range []corev1.Container{nd, container(t, ns, "load-nbd")} {
+		sc := c.SecurityContext
+		if sc == nil || sc.Privileged == nil || !*sc.Privileged || sc.RunAsUser == nil || *sc.RunAsUser != 0 {
+			t.Errorf("node container %s is not privileged root: %+v", c.Name, sc)
+		}
 	}
 	r.wantArgs(nd, "--mode=node", "--nodeid=$(NODE_NAME)", "--endpoint=unix:///csi/csi.sock", "--drivername=csi.ploop.io",
 		"--overcommit-ratio=1", "--trim-interval=1h", "--v=2", "--health-address=:9810")

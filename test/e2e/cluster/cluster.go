@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/url"
 	"os"
@@ -122,10 +123,10 @@ func Start(t *testing.T, o Options) *Cluster {
 		ServingIPs: []net.IP{net.ParseIP(APIIP)},
 	})
 	t.Cleanup(func() {
+		c.Stop(t) // first: the guest copies the pods' logs out as it stops
 		if t.Failed() {
 			t.Logf("cluster: the test failed; logs follow\n%s", c.Logs())
 		}
-		c.Stop(t)
 	})
 	var err error
 	if c.Clients, err = kubernetes.NewForConfig(c.API.Config()); err != nil {
@@ -202,7 +203,7 @@ func (c *Cluster) startControllers(bins map[string]string) error {
 // writeNodeFiles puts what the guest needs into the exchange directory.
 func (c *Cluster) writeNodeFiles(o Options) error {
 	x := c.xchg
-	for _, d := range []string{cniDir, imagesDir} {
+	for _, d := range []string{cniDir, imagesDir, modulesDir} {
 		if err := os.MkdirAll(filepath.Join(x, d), 0o755); err != nil {
 			return err
 		}
@@ -329,9 +330,24 @@ func (c *Cluster) Logs() string {
 		}
 		section(f+" (guest)", string(data))
 	}
+	filepath.WalkDir(filepath.Join(c.xchg, podLogsDir), func(p string, d fs.DirEntry, err error) error {
+		if err == nil && !d.IsDir() {
+			data, _ := os.ReadFile(p)
+			section("pod log "+strings.TrimPrefix(p, c.xchg+"/"+podLogsDir+"/"), string(data))
+		}
+		return nil
+	})
 	section("guest console", c.console.String())
 	return b.String()
 }
+
+// ModulesDir is a directory of the node that stands for its kernel
+// modules directory: the guest's modules come from its initramfs, loaded
+// before the node starts.
+func (c *Cluster) ModulesDir() string { return filepath.Join(c.xchg, modulesDir) }
+
+// ExchangeDir is the directory the node VM shares with the host.
+func (c *Cluster) ExchangeDir() string { return c.xchg }
 
 func tail(s string, n int) string {
 	if len(s) <= n {

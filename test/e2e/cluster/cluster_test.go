@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,13 +15,48 @@ import (
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
 
-// TestCluster brings the cluster up and runs pods through the scheduler and
-// the kubelet: one on the guest's pod bridge, one on the node's network.
+// TestCluster brings the cluster up once and drives the user's flows in
+// it, in order: pods run at all; the chart installs.
 func TestCluster(t *testing.T) {
 	if vmtest.InGuest() {
 		return
 	}
-	c := Start(t, Options{})
+	images := buildImages(t)
+	c := Start(t, Options{Images: images})
+	t.Run("Pods", func(t *testing.T) { testPods(t, c) })
+	t.Run("Install", func(t *testing.T) { testInstall(t, c) })
+}
+
+// buildImages writes the driver's and the sidecars' images for the node to
+// import.
+func buildImages(t *testing.T) []string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	out := []string{filepath.Join(dir, "ploop-csi.tar")}
+	if err := WriteDriverImage(ctx, root, out[0], t.Logf); err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range Sidecars {
+		p := filepath.Join(dir, s.Name+".tar")
+		if err := s.WriteImage(ctx, p, t.Logf); err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, p)
+	}
+	t.Logf("cluster: images built in %s", time.Since(start).Round(100*time.Millisecond))
+	return out
+}
+
+// testPods runs pods through the scheduler and the kubelet: one on the
+// guest's pod bridge, one on the node's network.
+func testPods(t *testing.T, c *Cluster) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	n, err := c.Clients.CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})

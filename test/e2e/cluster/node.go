@@ -31,6 +31,8 @@ const (
 	readyFile        = "node-started"
 	containerdLog    = "containerd.log"
 	kubeletLog       = "kubelet.log"
+	podLogsDir       = "pod-logs"
+	modulesDir       = "modules"
 )
 
 // guestScript is the node's life in the guest: state on tmpfs (the host
@@ -45,6 +47,9 @@ fail() { log "FAILED: $*"; exit 1; }
 mount -t tmpfs -o mode=0755 tmpfs /var/lib || fail "tmpfs /var/lib"
 mount -t tmpfs -o mode=0755 tmpfs /var/log || fail "tmpfs /var/log"
 mkdir -p /var/lib/kubelet /var/lib/containerd /var/log/pods /var/log/containers /run/containerd
+# Bidirectional mount propagation (the node plugin's mounts reaching the
+# kubelet and the pods) needs shared mounts.
+mount --make-rshared / || fail "make / rshared"
 # The kubelet puts pods in cgroups below the root, with these controllers.
 echo "+cpu +cpuset +memory +pids +io" > /sys/fs/cgroup/cgroup.subtree_control || fail "cgroup controllers"
 containerd --config $X/` + containerdConfig + ` > $X/` + containerdLog + ` 2>&1 &
@@ -69,6 +74,9 @@ while [ ! -e $X/` + stopFile + ` ]; do
 	sleep 0.2
 done
 log "stopping"
+# The pods' logs go back to the host (the API server cannot fetch them:
+# it has no way to the guest's kubelet).
+cp -r /var/log/pods $X/` + podLogsDir + ` 2>/dev/null
 exit 0
 `)
 }

@@ -36,53 +36,70 @@ func buildToolsImage(out string) error {
 	if err != nil {
 		return fmt.Errorf("tools image: %w (install busybox-static, see .ci/deps)", err)
 	}
+	files := []imageFile{{name: "bin/", dir: true, mode: 0o755}, {name: "tmp/", dir: true, mode: 0o1777},
+		{name: "bin/busybox", mode: 0o755, data: bin}}
+	for _, a := range toolsApplets {
+		files = append(files, imageFile{name: "bin/" + a, link: "busybox"})
+	}
+	return writeImage(ToolsImage, files, []string{"/bin/sleep", "2147483647"}, out)
+}
+
+// imageFile is one entry of a single-layer image: a directory, a symlink
+// (link) or a regular file (data).
+type imageFile struct {
+	name string
+	dir  bool
+	link string
+	mode int64
+	data []byte
+}
+
+// writeImage writes an image of one layer holding files, with entrypoint,
+// as an OCI archive named ref at out. Times are fixed, so the same files
+// give the same image.
+func writeImage(ref string, files []imageFile, entrypoint []string, out string) error {
 	mtime := time.Unix(0, 0).UTC()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
-	add := func(h *tar.Header, data []byte) error {
-		h.ModTime, h.Format = mtime, tar.FormatPAX
-		if err := tw.WriteHeader(h); err != nil {
-			return err
+	for _, f := range files {
+		h := &tar.Header{Name: f.name, Mode: f.mode, ModTime: mtime, Format: tar.FormatPAX}
+		switch {
+		case f.dir:
+			h.Typeflag = tar.TypeDir
+		case f.link != "":
+			h.Typeflag, h.Linkname, h.Mode = tar.TypeSymlink, f.link, 0o777
+		default:
+			h.Typeflag, h.Size = tar.TypeReg, int64(len(f.data))
 		}
-		_, err := tw.Write(data)
-		return err
-	}
-	if err := add(&tar.Header{Name: "bin/", Typeflag: tar.TypeDir, Mode: 0o755}, nil); err != nil {
-		return err
-	}
-	if err := add(&tar.Header{Name: "tmp/", Typeflag: tar.TypeDir, Mode: 0o1777}, nil); err != nil {
-		return err
-	}
-	if err := add(&tar.Header{Name: "bin/busybox", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(bin))}, bin); err != nil {
-		return err
-	}
-	for _, a := range toolsApplets {
-		if err := add(&tar.Header{Name: "bin/" + a, Typeflag: tar.TypeSymlink, Linkname: "busybox", Mode: 0o777}, nil); err != nil {
-			return err
+		if err := tw.WriteHeader(h); err != nil {
+			return fmt.Errorf("image %s: %w", ref, err)
+		}
+		if _, err := tw.Write(f.data); err != nil {
+			return fmt.Errorf("image %s: %w", ref, err)
 		}
 	}
 	if err := tw.Close(); err != nil {
-		return err
+		return fmt.Errorf("image %s: %w", ref, err)
 	}
 	data := buf.Bytes()
 	layer, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(data)), nil },
 		tarball.WithMediaType(types.OCILayer))
 	if err != nil {
-		return fmt.Errorf("tools image: %w", err)
+		return fmt.Errorf("image %s: %w", ref, err)
 	}
 	img := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
 	if img, err = mutate.AppendLayers(img, layer); err != nil {
-		return fmt.Errorf("tools image: %w", err)
+		return fmt.Errorf("image %s: %w", ref, err)
 	}
 	cf, err := img.ConfigFile()
 	if err != nil {
-		return fmt.Errorf("tools image: %w", err)
+		return fmt.Errorf("image %s: %w", ref, err)
 	}
 	cf = cf.DeepCopy()
 	cf.Architecture, cf.OS, cf.Created = runtime.GOARCH, "linux", v1.Time{Time: mtime}
-	cf.Config = v1.Config{Entrypoint: []string{"/bin/sleep", "2147483647"}, Env: []string{"PATH=/bin"}}
+	cf.Config = v1.Config{Entrypoint: entrypoint, Env: []string{"PATH=/bin"}}
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
-		return fmt.Errorf("tools image: %w", err)
+		return fmt.Errorf("image %s: %w", ref, err)
 	}
-	return containerimage.WriteOCIArchive(img, ToolsImage, mtime, out)
+	return containerimage.WriteOCIArchive(img, ref, mtime, out)
 }
