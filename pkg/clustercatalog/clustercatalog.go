@@ -260,6 +260,12 @@ func toVolume(v *v1alpha1.PloopVolume) catalog.Volume {
 	if v.Status.Size != nil {
 		out.Size = v.Status.Size.Value()
 	}
+	// The node's catalogue fills in defaults (ext4, 1 MiB clusters, an
+	// inode limit from the size); the volume context must say what the
+	// node will check it against.
+	if e := v.Status.Effective; e != nil {
+		out.FSType, out.ClusterSize, out.MkfsOptions, out.Inodes, out.Discard = e.FSType, e.ClusterSize, e.MkfsOptions, uint64(e.Inodes), e.Discard
+	}
 	if v.Spec.Source != nil {
 		out.SourceSnapshot, out.SourceVolume = v.Spec.Source.Snapshot, v.Spec.Source.Volume
 	}

@@ -135,8 +135,21 @@ func TestControllerThroughNodes(t *testing.T) {
 	if v.Size != 11<<20 || v.Node != "node-a" || v.Type != catalog.Ploop {
 		t.Errorf("created %+v, want 11 MiB ploop on node-a", v)
 	}
-	if got, err := a.cat.GetVolume(ctx, v.ID); err != nil || got.Name != "pvc-1" || got.Size != v.Size {
+	got, err := a.cat.GetVolume(ctx, v.ID)
+	if err != nil || got.Name != "pvc-1" || got.Size != v.Size {
 		t.Errorf("node-a's catalogue: %+v, %v", got, err)
+	}
+	// The controller's answer carries the parameters as the node made the
+	// volume, defaults filled in: the volume context the node checks when
+	// it stages (found by the end-to-end cluster: "0" against 1048576).
+	type params struct {
+		fs, mkfs, discard string
+		cluster           int64
+		inodes            uint64
+	}
+	if c, n := (params{v.FSType, v.MkfsOptions, v.Discard, v.ClusterSize, v.Inodes}),
+		(params{got.FSType, got.MkfsOptions, got.Discard, got.ClusterSize, got.Inodes}); c != n || n.fs == "" || n.cluster == 0 {
+		t.Errorf("the controller says %+v, the node made %+v", c, n)
 	}
 	if _, err := b.cat.GetVolume(ctx, v.ID); !errors.Is(err, catalog.ErrNotFound) {
 		t.Errorf("node-b's catalogue has %s: %v", v.ID, err)

@@ -193,11 +193,13 @@ func (a *agent) reconcileVolume(ctx context.Context, req reconcile.Request) (rec
 		log.Error(err, "volume operation failed", "generation", vol.Generation, "took", time.Since(t0))
 		a.warn(&vol, "OperationFailed", err)
 		st.Phase, st.Error = v1alpha1.Failed, opError(err)
-		st.VolumeID, st.Size, st.Allocated = vol.Status.VolumeID, vol.Status.Size, vol.Status.Allocated
+		st.VolumeID, st.Size, st.Allocated, st.Effective = vol.Status.VolumeID, vol.Status.Size, vol.Status.Allocated, vol.Status.Effective
 	} else {
 		log.V(2).Info("volume ready", "generation", vol.Generation, "size", v.Size, "took", time.Since(t0))
 		st.Phase, st.VolumeID = v1alpha1.Ready, v.ID
 		st.Size = resource.NewQuantity(v.Size, resource.BinarySI)
+		st.Effective = &v1alpha1.EffectiveParameters{FSType: v.FSType, ClusterSize: v.ClusterSize, MkfsOptions: v.MkfsOptions,
+			Inodes: int64(v.Inodes), Discard: v.Discard}
 		st.NodeExpansionRequired = nodeExpansion
 		if u, uerr := a.o.Catalog.VolumeUsage(opCtx, v.ID); uerr == nil {
 			st.Allocated = resource.NewQuantity(u.AllocatedBytes, resource.BinarySI)

@@ -179,12 +179,31 @@ type PloopVolumeStatus struct {
 	// Online answers spec.online.
 	// +optional
 	Online *OnlineResult `json:"online,omitempty"`
+	// Effective are the volume's parameters as the node's catalogue made
+	// it, defaults filled in: what the volume's CSI context says, and
+	// what the node checks a context against when it stages the volume.
+	// +optional
+	Effective *EffectiveParameters `json:"effective,omitempty"`
 	// ObservedGeneration is the spec generation the status reports on.
 	// +optional
 	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
 	// Error is the last operation's failure, cleared by a success.
 	// +optional
 	Error *OperationError `json:"error,omitempty"`
+}
+
+// EffectiveParameters are a volume's parameters with defaults filled in.
+type EffectiveParameters struct {
+	// +optional
+	FSType string `json:"fsType,omitempty"`
+	// +optional
+	ClusterSize int64 `json:"clusterSize,omitempty"`
+	// +optional
+	MkfsOptions string `json:"mkfsOptions,omitempty"`
+	// +optional
+	Inodes int64 `json:"inodes,omitempty"`
+	// +optional
+	Discard string `json:"discard,omitempty"`
 }
 
 // PloopVolume is one volume of the driver and the node that owns it.
