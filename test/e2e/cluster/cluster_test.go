@@ -16,7 +16,8 @@ import (
 )
 
 // TestCluster brings the cluster up once and drives the user's flows in
-// it, in order: pods run at all; the chart installs.
+// it, in order: pods run at all; the chart installs; PVCs of every kind
+// keep their data across pods.
 func TestCluster(t *testing.T) {
 	if vmtest.InGuest() {
 		return
@@ -24,7 +25,10 @@ func TestCluster(t *testing.T) {
 	images := buildImages(t)
 	c := Start(t, Options{Images: images})
 	t.Run("Pods", func(t *testing.T) { testPods(t, c) })
-	t.Run("Install", func(t *testing.T) { testInstall(t, c) })
+	if !t.Run("Install", func(t *testing.T) { testInstall(t, c) }) {
+		return // the flows below need the driver
+	}
+	t.Run("Volumes", func(t *testing.T) { testVolumes(t, c) })
 }
 
 // buildImages writes the driver's and the sidecars' images for the node to

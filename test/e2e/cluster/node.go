@@ -15,6 +15,9 @@ const (
 	APIAddr = "192.0.2.100:6443"
 )
 
+// StorageRoot is the node's storage root (the chart's default hostPath).
+const StorageRoot = "/var/lib/ploop-csi"
+
 // PodSubnet is the range the guest's bridge gives pods.
 const PodSubnet = "10.244.0.0/24"
 
@@ -47,6 +50,12 @@ fail() { log "FAILED: $*"; exit 1; }
 mount -t tmpfs -o mode=0755 tmpfs /var/lib || fail "tmpfs /var/lib"
 mount -t tmpfs -o mode=0755 tmpfs /var/log || fail "tmpfs /var/log"
 mkdir -p /var/lib/kubelet /var/lib/containerd /var/log/pods /var/log/containers /run/containerd
+# The storage root: ext4 with enforced project quota (simfs) on a loop
+# device, since tmpfs has neither quota nor O_DIRECT.
+truncate -s 3G /tmp/storage-root.img || fail "storage root image"
+dev=$(losetup -f --show /tmp/storage-root.img) || fail "losetup"
+mkfs.ext4 -q -O quota,project -E nodiscard $dev || fail "mkfs storage root"
+mkdir -p ` + StorageRoot + ` && mount -o prjquota $dev ` + StorageRoot + ` || fail "mount storage root"
 # Bidirectional mount propagation (the node plugin's mounts reaching the
 # kubelet and the pods) needs shared mounts.
 mount --make-rshared / || fail "make / rshared"
