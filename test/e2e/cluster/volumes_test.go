@@ -44,19 +44,7 @@ func testVolumes(t *testing.T, c *Cluster) {
 	defer cancel()
 	pods, pvcs := c.Clients.CoreV1().Pods("default"), c.Clients.CoreV1().PersistentVolumeClaims("default")
 	for _, vc := range volumeCases {
-		pvc := &corev1.PersistentVolumeClaim{
-			ObjectMeta: metav1.ObjectMeta{Name: "pvc-" + vc.name},
-			Spec: corev1.PersistentVolumeClaimSpec{
-				AccessModes:      []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
-				StorageClassName: &vc.class,
-				Resources:        corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse(vc.size)}},
-			},
-		}
-		if vc.block {
-			mode := corev1.PersistentVolumeBlock
-			pvc.Spec.VolumeMode = &mode
-		}
-		if _, err := pvcs.Create(ctx, pvc, metav1.CreateOptions{}); err != nil {
+		if _, err := pvcs.Create(ctx, newPVC("pvc-"+vc.name, vc), metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -119,6 +107,23 @@ func testVolumes(t *testing.T, c *Cluster) {
 		}
 		return nil
 	})
+}
+
+// newPVC is a claim of vc's class, size and mode.
+func newPVC(name string, vc volumeCase) *corev1.PersistentVolumeClaim {
+	pvc := &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec: corev1.PersistentVolumeClaimSpec{
+			AccessModes:      []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			StorageClassName: &vc.class,
+			Resources:        corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse(vc.size)}},
+		},
+	}
+	if vc.block {
+		mode := corev1.PersistentVolumeBlock
+		pvc.Spec.VolumeMode = &mode
+	}
+	return pvc
 }
 
 // volumePod runs script on the tools image with the claim at /data (or
