@@ -23,7 +23,7 @@ FUZZTIME  ?= 5s
 # PLOOP_CSI_VM_MEM=4096 (MiB), PLOOP_CSI_VM_CPUS=2, PLOOP_CSI_VM_ACCEL=tcg|kvm.
 CMD       ?= uname -a
 
-.PHONY: all build image test unit race fuzz-short lint generate check-generated deploy check-deploy bench demo vm clean deps
+.PHONY: all build image test unit race fuzz-short lint generate check-generated deploy check-deploy bench demo vm clean deps cluster
 
 all: build
 
@@ -114,6 +114,11 @@ vm: export VMRUN_CMD = $(CMD)
 vm: build
 	$(GO) build -o $(BIN)/vmrun ./test/e2e/cmd/vmrun
 	$(BIN)/vmrun -- sh -c "$$VMRUN_CMD"
+
+# The end-to-end cluster alone (part of `unit`): a one-node Kubernetes with
+# the chart installed and the user's flows run in it (test/e2e/cluster).
+cluster:
+	$(GO) test -count=1 -v -timeout 60m -run '^TestCluster$$' ./test/e2e/cluster
 
 deps:
 	./.ci/deps

@@ -21,6 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/ploop-csi/ploop-csi/test/e2e/gomod"
 	"github.com/ploop-csi/ploop-csi/test/e2e/kubeapi"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
@@ -53,6 +54,7 @@ type Cluster struct {
 	components map[string]*kubeapi.Component
 	console    *syncBuffer
 	vmDone     chan vmResult
+	proxy      *kubeletProxy
 	stopOnce   sync.Once
 	phases     []string
 }
@@ -115,21 +117,52 @@ func Start(t *testing.T, o Options) *Cluster {
 		}
 		bins[cmd] = p
 	}
+	snapctl, err := SnapshotController.Binary(ctx, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bins[SnapshotController.Name] = snapctl
+	crds, err := gomod.Dir(ctx, snapshotCRDModule)
+	if err != nil {
+		t.Fatal(err)
+	}
 	phase("binaries")
+	kubeletFwd, err := kubeapi.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxyDir := t.TempDir()
+	if c.proxy, err = startKubeletProxy(filepath.Join(proxyDir, "kubelet-proxy.sock"), kubeletFwd); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.proxy.Close() })
+	egress := filepath.Join(proxyDir, "egress.yaml")
+	if err := os.WriteFile(egress, []byte(egressConfig(filepath.Join(proxyDir, "kubelet-proxy.sock"))), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	c.API = kubeapi.StartT(t, kubeapi.Options{
 		// The kubelet's identity (system:node:NAME) is authorised by the
 		// Node authorizer, as in a real cluster.
-		Args:       []string{"--authorization-mode=Node,RBAC"},
+		// It reaches a kubelet by the node's InternalIP (the guest's),
+		// which the egress proxy relays; by default it would try the
+		// node's name first, which no resolver knows.
+		Args: []string{"--authorization-mode=Node,RBAC", "--egress-selector-config-file=" + egress,
+			"--kubelet-preferred-address-types=InternalIP"},
 		ServingIPs: []net.IP{net.ParseIP(APIIP)},
 	})
 	t.Cleanup(func() {
 		c.Stop(t) // first: the guest copies the pods' logs out as it stops
+		if r := c.proxy.Refused(); len(r) > 0 {
+			t.Errorf("cluster: the API server tried to reach addresses other than the node's kubelet: %v", r)
+		}
 		if t.Failed() {
 			t.Logf("cluster: the test failed; logs follow\n%s", c.Logs())
 		}
 	})
-	var err error
 	if c.Clients, err = kubernetes.NewForConfig(c.API.Config()); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.API.InstallCRDs(ctx, filepath.Join(crds, "config", "crd", "snapshot.storage.k8s.io_*.yaml")); err != nil {
 		t.Fatal(err)
 	}
 	if err := c.startControllers(bins); err != nil {
@@ -147,8 +180,9 @@ func Start(t *testing.T, o Options) *Cluster {
 	go func() {
 		res, err := vmtest.Exec(context.Background(), vmtest.Options{
 			MemoryMiB: o.MemoryMiB, Timeout: o.Lifetime,
-			Network: &vmtest.Network{GuestFwd: []vmtest.GuestFwd{{GuestAddr: APIAddr, HostPort: apiPort}}},
-			Env:     []string{"PATH=" + filepath.Dir(bins["kubelet"]) + ":/usr/sbin:/usr/bin:/sbin:/bin"},
+			Network: &vmtest.Network{GuestFwd: []vmtest.GuestFwd{{GuestAddr: APIAddr, HostPort: apiPort}},
+				HostFwd: []vmtest.HostFwd{{HostPort: kubeletFwd, GuestPort: KubeletPort}}},
+			Env: []string{"PATH=" + filepath.Dir(bins["kubelet"]) + ":/usr/sbin:/usr/bin:/sbin:/bin"},
 		}, vmtest.Command{Args: []string{"sh", filepath.Join(c.xchg, nodeScript)}, ExchangeDir: c.xchg, Output: c.console, Logf: t.Logf})
 		c.vmDone <- vmResult{res, err}
 	}()
@@ -178,7 +212,8 @@ func (c *Cluster) Phases() []string { return c.phases }
 
 // startControllers runs kube-controller-manager (which runs the
 // DaemonSet, Deployment and node-lifecycle controllers, and publishes
-// kube-root-ca.crt) and kube-scheduler against the server as its admin.
+// kube-root-ca.crt), kube-scheduler and the snapshot-controller against
+// the server as its admin.
 func (c *Cluster) startControllers(bins map[string]string) error {
 	kc := filepath.Join(c.API.Dir(), "admin.kubeconfig")
 	if err := c.API.WriteKubeconfig(kc); err != nil {
@@ -189,7 +224,8 @@ func (c *Cluster) startControllers(bins map[string]string) error {
 			"--root-ca-file=" + filepath.Join(c.API.Dir(), "ca.crt"),
 			"--service-account-private-key-file=" + filepath.Join(c.API.Dir(), "sa.key"),
 			"--use-service-account-credentials=false"},
-		"kube-scheduler": {"--kubeconfig=" + kc, "--leader-elect=false", "--secure-port=0"},
+		"kube-scheduler":        {"--kubeconfig=" + kc, "--leader-elect=false", "--secure-port=0"},
+		SnapshotController.Name: {"--kubeconfig=" + kc, "--leader-election=false", "--v=2"},
 	} {
 		comp, err := c.API.StartComponent(name, bins[name], args...)
 		if err != nil {

@@ -37,6 +37,14 @@ var Sidecars = []Sidecar{
 	{"csi-resizer", "github.com/kubernetes-csi/external-resizer/v2", "v2.3.0", "resizer"},
 }
 
+// SnapshotController runs on the host with the control plane (built the
+// same way as the sidecars, from the snapshotter's release).
+var SnapshotController = Sidecar{"snapshot-controller", "github.com/kubernetes-csi/external-snapshotter/v8", "v8.7.0", ""}
+
+// snapshotCRDModule holds the snapshot CRDs, installed with the control
+// plane (the chart needs them).
+const snapshotCRDModule = "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"
+
 // Repository is the sidecar image's repository (tag: its Version).
 func (s Sidecar) Repository() string { return "ploop-csi.invalid/e2e/" + s.Name }
 

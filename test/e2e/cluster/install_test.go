@@ -14,12 +14,8 @@ import (
 	storagev1 "k8s.io/api/storage/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/ploop-csi/ploop-csi/test/e2e/gomod"
 	"github.com/ploop-csi/ploop-csi/test/e2e/helmbin"
 )
-
-// snapshotCRDModule holds the snapshot CRDs, a prerequisite of the chart.
-const snapshotCRDModule = "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"
 
 // e2eValues are the chart values of this cluster (documented as the chart's
 // e2e combination): no registrar or livenessprobe image, pods on the
@@ -33,13 +29,6 @@ var e2eValues = []string{"node.registration=builtin", "livenessProbeSidecar=fals
 func testInstall(t *testing.T, c *Cluster) {
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	crds, err := gomod.Dir(ctx, snapshotCRDModule)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := c.API.InstallCRDs(ctx, filepath.Join(crds, "config", "crd", "snapshot.storage.k8s.io_*.yaml")); err != nil {
-		t.Fatal(err)
-	}
 	helm, err := helmbin.Path(ctx, helmbin.V3, t.Logf)
 	if err != nil {
 		t.Fatal(err)

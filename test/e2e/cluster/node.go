@@ -144,6 +144,11 @@ authentication:
 authorization:
   mode: Webhook
 readOnlyPort: 0
+# Volume metrics (NodeGetVolumeStats) within seconds, not a minute.
+volumeStatsAggPeriod: 5s
+# A running pod's volumes are looked at again (NodeExpandVolume after an
+# expansion) when the kubelet syncs the pod: every 10 s, not every minute.
+syncFrequency: 10s
 serializeImagePulls: false
 # Images come from the exchange directory, never from a registry: none is
 # ever collected.

@@ -26,7 +26,7 @@ const ToolsImage = "ploop-csi.invalid/e2e/tools:1"
 const busyboxPath = "/bin/busybox"
 
 // toolsApplets are linked to busybox in the image's /bin.
-var toolsApplets = []string{"sh", "cat", "dd", "echo", "ls", "mkdir", "rm", "sleep", "sync", "test", "touch", "cmp", "df", "stat", "sha256sum", "head", "wc", "id", "yes", "tr", "tail", "cut", "blockdev"} // the last three: size checks of the coming expansion flow
+var toolsApplets = []string{"sh", "cat", "dd", "echo", "ls", "mkdir", "rm", "sleep", "sync", "test", "touch", "cmp", "df", "stat", "sha256sum", "head", "wc", "id", "yes", "tr", "tail", "cut", "blockdev", "grep", "find", "dmesg", "tee", "httpd"}
 
 // buildToolsImage writes the tools image as an OCI archive to out. Its
 // entrypoint sleeps forever, so that as a sandbox image it just holds the

@@ -10,6 +10,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
 // volumeCase is one kind of PVC of flow 2.
@@ -129,7 +130,10 @@ func newPVC(name string, vc volumeCase) *corev1.PersistentVolumeClaim {
 // volumePod runs script on the tools image with the claim at /data (or
 // its device at /dev/vol).
 func volumePod(name, claim string, block bool, script string) *corev1.Pod {
-	ctr := corev1.Container{Name: "c", Image: ToolsImage, ImagePullPolicy: corev1.PullNever, Command: []string{"sh", "-c", script}}
+	ctr := corev1.Container{Name: "c", Image: ToolsImage, ImagePullPolicy: corev1.PullNever, Command: []string{"sh", "-c", script},
+		// A failing pod's output reaches the test in its status (the
+		// API server has no way to the kubelet's logs).
+		TerminationMessagePolicy: corev1.TerminationMessageFallbackToLogsOnError}
 	if block {
 		ctr.VolumeDevices = []corev1.VolumeDevice{{Name: "v", DevicePath: "/dev/vol"}}
 	} else {
@@ -144,4 +148,16 @@ func volumePod(name, claim string, block bool, script string) *corev1.Pod {
 				PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim}}}},
 		},
 	}
+}
+
+// signalReady lets pod's script say it saw what the test waits for, by
+// touching /tmp/www/ready: busybox's httpd serves /tmp/www, and the
+// readiness probe asks for /ready. (Not an exec probe: the guest's runc,
+// whose containers cannot pivot_root out of the guest's chroot, runs an
+// exec outside the container's root.)
+func signalReady(p *corev1.Pod) {
+	c := &p.Spec.Containers[0]
+	c.Command[len(c.Command)-1] = "mkdir -p /tmp/www && httpd -p 8080 -h /tmp/www || exit 1\n" + c.Command[len(c.Command)-1]
+	c.ReadinessProbe = &corev1.Probe{PeriodSeconds: 1,
+		ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/ready", Port: intstr.FromInt32(8080)}}}
 }

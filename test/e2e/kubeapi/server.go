@@ -186,11 +186,20 @@ func (s *Server) start(ctx context.Context, paths Paths, extra []string, serving
 	if err != nil {
 		return fmt.Errorf("create admin certificate: %w", err)
 	}
+	// The server's identity towards kubelets (logs, exec, a node's
+	// metrics): a member of system:masters, which a kubelet's webhook
+	// authorisation allows everything.
+	kubeletCert, kubeletKey, err := s.ca.clientCert("kube-apiserver-kubelet-client", []string{"system:masters"})
+	if err != nil {
+		return fmt.Errorf("create kubelet client certificate: %w", err)
+	}
 	files := map[string][]byte{
-		"ca.crt":      s.ca.certPEM,
-		"serving.crt": servingCert,
-		"serving.key": servingKey,
-		"sa.key":      saKeyPEM,
+		"ca.crt":             s.ca.certPEM,
+		"serving.crt":        servingCert,
+		"serving.key":        servingKey,
+		"sa.key":             saKeyPEM,
+		"kubelet-client.crt": kubeletCert,
+		"kubelet-client.key": kubeletKey,
 	}
 	for name, data := range files {
 		if err := os.WriteFile(filepath.Join(s.dir, name), data, 0o600); err != nil {
@@ -206,7 +215,7 @@ func (s *Server) start(ctx context.Context, paths Paths, extra []string, serving
 	// A port picked free can be taken before the server binds it; a start
 	// that fails for that reason is retried on another.
 	for attempt := 1; ; attempt++ {
-		port, err := freePort()
+		port, err := FreePort()
 		if err != nil {
 			return err
 		}
@@ -231,6 +240,8 @@ func (s *Server) start(ctx context.Context, paths Paths, extra []string, serving
 			"--service-account-key-file=" + filepath.Join(s.dir, "sa.key"),
 			"--service-account-signing-key-file=" + filepath.Join(s.dir, "sa.key"),
 			"--authorization-mode=RBAC",
+			"--kubelet-client-certificate=" + filepath.Join(s.dir, "kubelet-client.crt"),
+			"--kubelet-client-key=" + filepath.Join(s.dir, "kubelet-client.key"),
 			"--allow-privileged=true",
 			"--profiling=false",
 		}
@@ -269,11 +280,11 @@ func overrideFlags(base, extra []string) []string {
 // 127.0.0.1, and fixed ports, which another etcd may hold).
 func (s *Server) startEtcd(ctx context.Context, bin string) (string, error) {
 	for attempt := 1; ; attempt++ {
-		client, err := freePort()
+		client, err := FreePort()
 		if err != nil {
 			return "", err
 		}
-		peer, err := freePort()
+		peer, err := FreePort()
 		if err != nil {
 			return "", err
 		}
@@ -439,8 +450,8 @@ func (s *Server) StartComponent(name, bin string, args ...string) (*Component, e
 // APIServerLogTail is the end of kube-apiserver's log.
 func (s *Server) APIServerLogTail() string { return s.apiserver.logTail() }
 
-// freePort is a loopback TCP port nothing listened on a moment ago.
-func freePort() (int, error) {
+// FreePort is a loopback TCP port nothing listened on a moment ago.
+func FreePort() (int, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return 0, err

@@ -515,3 +515,11 @@ func checkPVHNote(vmlinux []byte) error {
 	}
 	return errors.New("decompressed kernel has no PVH entry note")
 }
+
+// Prepare downloads and builds what a boot needs into the cache, so that a
+// later boot needs no network (the end-to-end cluster runs in a network
+// namespace of its own).
+func Prepare(ctx context.Context, logf func(string, ...any)) error {
+	_, err := prepareBoot(ctx, logf)
+	return err
+}

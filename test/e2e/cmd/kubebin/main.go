@@ -36,7 +36,7 @@ func main() {
 	for _, c := range kubeapi.Commands {
 		build(c, func() (string, error) { return kubeapi.Binary(ctx, c, logf) })
 	}
-	for _, s := range cluster.Sidecars {
+	for _, s := range append(cluster.Sidecars, cluster.SnapshotController) {
 		build(s.Name, func() (string, error) { return s.Binary(ctx, logf) })
 	}
 }
