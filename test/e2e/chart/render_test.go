@@ -58,9 +58,10 @@ var helms = []string{helmbin.V3, helmbin.V4}
 // an error with its standard error.
 func helm(t *testing.T, version string, args ...string) (string, error) {
 	t.Helper()
+	// The build (minutes on a cold cache) must not eat the command's time.
+	bin := helmPath(t, version)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	bin := helmPath(t, version)
 	cmd := exec.CommandContext(ctx, bin, args...)
 	// helm keeps its own state out of the home directory and the repo.
 	home := t.TempDir()
