@@ -141,8 +141,13 @@ step "all modules loaded"
 if [ -n "$net" ]; then
 	ip link set eth0 up && ip addr add ` + GuestIP + `/24 dev eth0 && ip route add default via ` + GatewayIP + ` || fail "network eth0"
 fi
+# Put the root on / as switch_root does, not only chroot into it: setns(2)
+# into a mount namespace starts at the namespace's root mount and follows
+# what is mounted on it, so with a bare chroot every "nsenter -m" (and runc's
+# exec into a container) landed in this initramfs instead.
+cd $R && mount -o move . / || fail "move the root onto /"
 echo "<<vmtest:$nonce:start>>"
-chroot $R /bin/sh "$xchg/` + guestCommandScript + `" </dev/null >/dev/console 2>&1
+chroot . /bin/sh "$xchg/` + guestCommandScript + `" </dev/null >/dev/console 2>&1
 rc=$?
 echo
 echo "<<vmtest:$nonce:exit=$rc>>"

@@ -37,6 +37,7 @@ func TestExec(t *testing.T) {
 	}
 	script := `echo "cwd=$(pwd)"; echo "uid=$(id -u) home=$HOME tmpdir=$TMPDIR ci=$CI"
 cat "$PLOOP_CSI_VM_EXCHANGE_DIR/in"
+nsenter --mount=/proc/self/ns/mnt cat "$PLOOP_CSI_VM_EXCHANGE_DIR/in" | sed 's/^/setns: /'
 echo "kernel=$(uname -r)"
 for m in nbd loop ext4 xfs quota_v2 9p; do grep -q "^$m " /proc/modules && echo "module $m"; done
 ls /dev/nbd15 && touch /run/lock/x /tmp/x /var/tmp/x && echo writable
@@ -60,6 +61,7 @@ exit 7`
 		t.Errorf("exit status %d, want 7", res.ExitStatus)
 	}
 	for _, want := range []string{"cwd=/usr/share", "uid=0 home=/root tmpdir=/tmp ci=forwarded", "from host",
+		"setns: from host",
 		"kernel=" + res.Kernel, "module nbd", "module loop", "module ext4", "module xfs", "module quota_v2", "module 9p",
 		"/dev/nbd15", "writable", "to-stderr"} {
 		if !strings.Contains(out.String(), want+"\n") {
