@@ -23,7 +23,7 @@ FUZZTIME  ?= 5s
 # PLOOP_CSI_VM_MEM=4096 (MiB), PLOOP_CSI_VM_CPUS=2, PLOOP_CSI_VM_ACCEL=tcg|kvm.
 CMD       ?= uname -a
 
-.PHONY: all build image test unit race fuzz-short lint generate check-generated deploy check-deploy bench demo vm clean deps cluster
+.PHONY: all build image test unit race fuzz-short lint generate check-generated deploy check-deploy bench demo vm clean deps cluster e2e-full
 
 all: build
 
@@ -119,6 +119,12 @@ vm: build
 # the chart installed and the user's flows run in it (test/e2e/cluster).
 cluster:
 	$(GO) test -count=1 -v -timeout 60m -run '^TestCluster$$' ./test/e2e/cluster
+
+# The same cluster with every spec of the Kubernetes external storage suite
+# for the driver that is neither disruptive nor serial, not only the subset
+# `make test` runs: hours under emulation.
+e2e-full:
+	PLOOP_CSI_E2E_FULL=1 $(GO) test -count=1 -v -timeout 8h -run '^TestCluster$$' ./test/e2e/cluster
 
 deps:
 	./.ci/deps

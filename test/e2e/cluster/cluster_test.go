@@ -3,6 +3,7 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"net"
 	"os"
@@ -24,7 +25,8 @@ import (
 // it, in order: pods run at all; the chart installs (1); PVCs of every
 // kind keep their data across pods (2); snapshots and clones of a claim
 // under a writer (3); online expansion (4); quota for a non-root pod
-// (5); node plugin restarts under writers (6); a claim beyond the
+// (5); node plugin restarts under writers (6); the Kubernetes external
+// storage suite (9, a subset unless make e2e-full); a claim beyond the
 // capacity (7); nothing left after the claims and the release are
 // deleted (8).
 //
@@ -51,6 +53,7 @@ func TestCluster(t *testing.T) {
 	t.Run("Expand", func(t *testing.T) { testExpand(t, c) })
 	t.Run("Quota", func(t *testing.T) { testQuota(t, c) })
 	t.Run("Restart", func(t *testing.T) { testRestart(t, c) })
+	t.Run("External", func(t *testing.T) { testExternal(t, c) })
 	t.Run("Capacity", func(t *testing.T) { testCapacity(t, c) })
 	t.Run("Cleanup", func(t *testing.T) { testCleanup(t, c) })
 }
@@ -86,7 +89,13 @@ func runIsolated(t *testing.T) {
 	}
 	rctx, rcancel := context.WithDeadline(context.Background(), deadline.Add(-30*time.Second))
 	defer rcancel()
-	cmd := exec.CommandContext(rctx, os.Args[0], "-test.run=^TestCluster$", "-test.v",
+	// The child runs the flows the parent was asked for
+	// (-run 'TestCluster/(Install|External)' runs only those).
+	run := "^TestCluster$"
+	if f := flag.Lookup("test.run"); f != nil && strings.Contains(f.Value.String(), "TestCluster/") {
+		run = f.Value.String()
+	}
+	cmd := exec.CommandContext(rctx, os.Args[0], "-test.run="+run, "-test.v",
 		"-test.timeout="+time.Until(deadline.Add(-time.Minute)).Round(time.Second).String())
 	cmd.Env = append(os.Environ(), isolatedEnv+"=1", imagesEnv+"="+strings.Join(images, string(os.PathListSeparator)))
 	cmd.SysProcAttr = &syscall.SysProcAttr{Cloneflags: syscall.CLONE_NEWNET}
@@ -153,6 +162,11 @@ func buildImages(t *testing.T) []string {
 		}
 		out = append(out, p)
 	}
+	e2e, err := buildE2EImages(ctx, dir, t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out = append(out, e2e...)
 	t.Logf("cluster: images built in %s", time.Since(start).Round(100*time.Millisecond))
 	return out
 }

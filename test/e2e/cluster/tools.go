@@ -58,6 +58,11 @@ type imageFile struct {
 // as an OCI archive named ref at out. Times are fixed, so the same files
 // give the same image.
 func writeImage(ref string, files []imageFile, entrypoint []string, out string) error {
+	return writeImageConfig(ref, files, v1.Config{Entrypoint: entrypoint, Env: []string{"PATH=/bin"}}, out)
+}
+
+// writeImageConfig is writeImage with the whole run configuration.
+func writeImageConfig(ref string, files []imageFile, config v1.Config, out string) error {
 	mtime := time.Unix(0, 0).UTC()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -97,7 +102,7 @@ func writeImage(ref string, files []imageFile, entrypoint []string, out string) 
 	}
 	cf = cf.DeepCopy()
 	cf.Architecture, cf.OS, cf.Created = runtime.GOARCH, "linux", v1.Time{Time: mtime}
-	cf.Config = v1.Config{Entrypoint: entrypoint, Env: []string{"PATH=/bin"}}
+	cf.Config = config
 	if img, err = mutate.ConfigFile(img, cf); err != nil {
 		return fmt.Errorf("image %s: %w", ref, err)
 	}

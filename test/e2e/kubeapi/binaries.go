@@ -67,8 +67,26 @@ func kubeAPIServer(ctx context.Context, logf func(string, ...any)) (string, erro
 	return Binary(ctx, "kube-apiserver", logf)
 }
 
-// Commands are the k8s.io/kubernetes commands Binary builds.
-var Commands = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet"}
+// Commands are the k8s.io/kubernetes programs Binary builds: the
+// control plane and the kubelet, kubectl, and for the external storage
+// suite its test binary (e2e.test) and agnhost, the binary of one of the
+// images its pods run.
+var Commands = []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl", "agnhost", E2ETest}
+
+// E2ETest is the Kubernetes end-to-end suite's test binary, built with
+// "go test -c" from k8s.io/kubernetes/test/e2e.
+const E2ETest = "e2e.test"
+
+// commandPackage is where command lives in k8s.io/kubernetes.
+func commandPackage(command string) string {
+	switch command {
+	case E2ETest:
+		return "k8s.io/kubernetes/test/e2e"
+	case "agnhost":
+		return "k8s.io/kubernetes/test/images/agnhost"
+	}
+	return "k8s.io/kubernetes/cmd/" + command
+}
 
 // Binary returns the cached command (one of Commands) of
 // KubernetesVersion, building it first if needed: the rest of a cluster
@@ -83,7 +101,7 @@ func Binary(ctx context.Context, command string, logf func(string, ...any)) (str
 	}, logf)
 }
 
-// buildKubeCommand compiles cmd/<command> into out from a module written in
+// buildKubeCommand compiles command into out from a module written in
 // work. k8s.io/kubernetes is not meant to be required: its go.mod
 // requires its staging modules at v0.0.0 and replaces them with directories
 // of its own repository, which a dependent does not get. Replacing each with
@@ -106,8 +124,11 @@ func buildKubeCommand(ctx context.Context, work, out, command string) error {
 	if err := os.WriteFile(filepath.Join(work, "go.mod"), src, 0o644); err != nil {
 		return err
 	}
-	args := []string{"build", "-trimpath", "-ldflags", versionLDFlags(KubernetesVersion),
-		"-o", out, "k8s.io/kubernetes/cmd/" + command}
+	args := []string{"build", "-trimpath", "-ldflags", versionLDFlags(KubernetesVersion), "-o", out, commandPackage(command)}
+	if command == E2ETest {
+		args[0] = "test"
+		args = slices.Insert(args, 1, "-c")
+	}
 	name := "go"
 	// The machine is shared with VM tests whose timing matters more than
 	// this compile's.
