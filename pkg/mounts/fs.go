@@ -107,7 +107,9 @@ func Stat(path string) (Stats, error) {
 // Ext4Errors returns how many errors the ext4 filesystem on device has
 // logged since it was made (/sys/fs/ext4/DEV/errors_count, kept in the
 // superblock). It fails with an error wrapping os.ErrNotExist when no ext4
-// filesystem on device is mounted.
+// filesystem on device is mounted. An error may take a moment to be
+// counted: with errors=continue the kernel updates the superblock from
+// deferred work, so a periodic check sees it on a later round.
 func Ext4Errors(device string) (int64, error) {
 	real, err := filepath.EvalSymlinks(device)
 	if err != nil {

@@ -6,6 +6,7 @@ package mounts
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"os"
 	"os/exec"
@@ -137,7 +138,12 @@ func testFormatAndMountExt4(t *testing.T) {
 	if err := os.WriteFile(filepath.Join("/sys/fs/ext4", filepath.Base(dev), "trigger_fs_error"), []byte("test\n"), 0); err != nil {
 		t.Fatal(err)
 	}
-	if n, err := Ext4Errors(dev); err != nil || n < 1 {
+	// With errors=continue and a journal the kernel folds the error into
+	// the superblock's count from deferred work (s_error_work), so the
+	// count shows up shortly after the error, not at once.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if n, err := waitExt4Errors(ctx, dev); err != nil || n < 1 {
 		t.Fatalf("Ext4Errors after an error = %d, %v", n, err)
 	}
 	if err := m.Unmount(target); err != nil {
@@ -361,5 +367,22 @@ func testTrimFreeze(t *testing.T) {
 	}
 	if err := m.Unmount(target); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// waitExt4Errors reads Ext4Errors of dev until it is not zero or ctx ends.
+func waitExt4Errors(ctx context.Context, dev string) (int64, error) {
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		n, err := Ext4Errors(dev)
+		if err != nil || n > 0 {
+			return n, err
+		}
+		select {
+		case <-ctx.Done():
+			return n, ctx.Err()
+		case <-tick.C:
+		}
 	}
 }
