@@ -17,60 +17,9 @@ import (
 	"github.com/ploop-csi/ploop-csi/test/e2e/kubeapi"
 )
 
-// testDriverYAML declares the driver to the external storage suite
-// (test/e2e/storage/external): exactly the capabilities the driver claims.
-// The classes are the suite's own, made from storageClassYAML (so the
-// claims wait for their pod, as with the chart's classes) and by name for
-// snapshots. Sizes start at 320Mi, xfs's smallest; the timeouts allow for
-// a node under software emulation.
-const testDriverYAML = `StorageClass:
-  FromFile: %s
-SnapshotClass:
-  FromName: true
-DriverInfo:
-  Name: csi.ploop.io
-  SupportedSizeRange:
-    Min: 320Mi
-    Max: 2Gi
-  SupportedFsType:
-    "": {}
-    ext4: {}
-    xfs: {}
-  TopologyKeys: ["topology.csi.ploop.io/node"]
-  Capabilities:
-    persistence: true
-    block: true
-    fsGroup: true
-    exec: true
-    snapshotDataSource: true
-    pvcDataSource: true
-    onlineExpansion: true
-    nodeExpansion: true
-    controllerExpansion: true
-    singleNodeVolume: true
-    topology: true
-    capacity: true
-Timeouts:
-  PodStart: 5m
-  PodStartShort: 5m
-  PodDelete: 5m
-  ClaimProvision: 10m
-  DataSourceProvision: 10m
-  ClaimBound: 10m
-  PVDelete: 10m
-  SnapshotCreate: 10m
-  SnapshotDelete: 10m
-`
-
-const storageClassYAML = `apiVersion: storage.k8s.io/v1
-kind: StorageClass
-metadata:
-  name: ploop-e2e
-provisioner: csi.ploop.io
-volumeBindingMode: WaitForFirstConsumer
-allowVolumeExpansion: true
-reclaimPolicy: Delete
-`
+// testDriverFile declares the driver to the suite; it names its
+// StorageClass file relative to the repository's root.
+const testDriverFile = "test/e2e/cluster/testdata/test-driver.yaml"
 
 // externalSpecs picks the specs make test runs (issue 13: provisioning,
 // snapshot, expansion, volume mode, subpath), each once, so that they fit
@@ -132,20 +81,20 @@ func testExternal(t *testing.T, c *Cluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
 	dir := t.TempDir()
-	sc := filepath.Join(dir, "storageclass.yaml")
-	driver := filepath.Join(dir, "test-driver.yaml")
 	repos := filepath.Join(dir, "repo-list.yaml")
 	report := filepath.Join(dir, "report")
-	for path, data := range map[string]string{sc: storageClassYAML, driver: fmt.Sprintf(testDriverYAML, sc), repos: e2eRepoList} {
-		if err := os.WriteFile(path, []byte(data), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	if err := os.WriteFile(repos, []byte(e2eRepoList), 0o644); err != nil {
+		t.Fatal(err)
 	}
 	focus, skip := externalFocus()
 	kc := filepath.Join(c.API.Dir(), "admin.kubeconfig")
 	cmd := exec.CommandContext(ctx, e2e, "-kubeconfig="+kc, "-provider=skeleton", "-kubectl-path="+kubectl,
-		"-storage.testdriver="+driver, "-repo-root=/", "-report-dir="+report,
+		"-storage.testdriver="+filepath.Join(root, testDriverFile), "-repo-root="+root, "-report-dir="+report,
 		"-ginkgo.focus="+focus, "-ginkgo.skip="+skip, "-ginkgo.no-color", "-ginkgo.v", "-ginkgo.timeout="+(timeout-time.Minute).String(),
 		// The node runs the driver's pods and nothing the suite would
 		// wait for in kube-system.
