@@ -57,7 +57,7 @@ unit:
 # clients), and TestStackCrash, whose children run single-threaded offline
 # stack operations to be killed. Race-built children would each sleep 1 s
 # at exit.
-RACE_PKGS := ./pkg/ploop ./pkg/flock ./pkg/nbd ./pkg/simfs ./pkg/serving ./pkg/uring ./pkg/nodeagent ./pkg/clustercatalog
+RACE_PKGS := ./pkg/ploop ./pkg/flock ./pkg/nbd ./pkg/simfs ./pkg/serving ./pkg/uring ./pkg/nodeagent ./pkg/clustercatalog ./pkg/ublk
 race:
 	GORACE=atexit_sleep_ms=0 $(GO) test -race -short -count=1 -timeout 30m \
 	  -skip '^TestKernel$$|^TestStackCrash$$' $(RACE_PKGS)

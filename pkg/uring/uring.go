@@ -15,6 +15,10 @@
 // seccomp policy that refuses it, makes New fail, and callers fall back to
 // plain pread/pwrite.
 //
+// Raw, which Ring is built on, is the ring itself for a caller that drives
+// it alone: push entries, enter, reap. The ublk server (pkg/ublk) runs its
+// queues and control commands (IORING_OP_URING_CMD, 128-byte entries) on it.
+//
 // Caution: the kernel completes a request as task work on the thread that
 // submitted it. A Go program cannot choose that thread, so a thread that
 // later blocks in a syscall which itself waits for this ring's I/O (FITRIM
@@ -31,7 +35,6 @@ import (
 	"os"
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -59,60 +62,11 @@ const (
 	cqeSize = 16
 )
 
-type sqOffsets struct {
-	head, tail, ringMask, ringEntries, flags, dropped, array, resv1 uint32
-	userAddr                                                        uint64
-}
-
-type cqOffsets struct {
-	head, tail, ringMask, ringEntries, overflow, cqes, flags, resv1 uint32
-	userAddr                                                        uint64
-}
-
-type params struct {
-	sqEntries, cqEntries, flags, sqThreadCPU, sqThreadIdle, features, wqFd uint32
-	resv                                                                   [3]uint32
-	sqOff                                                                  sqOffsets
-	cqOff                                                                  cqOffsets
-}
-
-type sqe struct {
-	opcode      uint8
-	flags       uint8
-	ioprio      uint16
-	fd          int32
-	off         uint64
-	addr        uint64
-	len         uint32
-	rwFlags     uint32
-	userData    uint64
-	bufIndex    uint16
-	personality uint16
-	spliceFdIn  int32
-	addr3       uint64
-	pad         uint64
-}
-
-type cqe struct {
-	userData uint64
-	res      int32
-	flags    uint32
-}
-
 // Ring is one io_uring with its completion goroutine. Its methods are safe
 // for concurrent use.
 type Ring struct {
-	fd    int
+	raw   *Raw
 	event *os.File // eventfd, nonblocking, so reads park in the netpoller
-	rings []byte   // SQ and CQ rings (one mapping)
-	sqes  []byte
-
-	sqTail, sqHead *uint32
-	sqMask         uint32
-	sqArray        unsafe.Pointer
-	cqHead, cqTail *uint32
-	cqMask         uint32
-	cqes           unsafe.Pointer
 
 	mu     sync.Mutex // submission
 	free   chan uint32
@@ -136,21 +90,17 @@ type slot struct {
 // WRITE operations (Linux before 5.6), or when a seccomp policy refuses the
 // system calls: the caller then uses pread and pwrite.
 func New(entries uint32) (*Ring, error) {
-	if entries == 0 || entries > 4096 || entries&(entries-1) != 0 {
-		return nil, fmt.Errorf("io_uring: %d entries: want a power of two up to 4096", entries)
+	raw, err := NewRaw(entries, 0)
+	if err != nil {
+		return nil, err
 	}
-	var p params
-	fd, _, errno := unix.Syscall(unix.SYS_IO_URING_SETUP, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
-	if errno != 0 {
-		return nil, fmt.Errorf("io_uring_setup: %w", errno)
-	}
-	r := &Ring{fd: int(fd), closed: make(chan struct{}), reaped: make(chan struct{})}
-	if err := r.setup(&p); err != nil {
+	r := &Ring{raw: raw, closed: make(chan struct{}), reaped: make(chan struct{})}
+	if err := r.setup(); err != nil {
 		r.release()
 		return nil, err
 	}
-	r.free = make(chan uint32, p.sqEntries)
-	r.slots = make([]slot, p.sqEntries)
+	r.free = make(chan uint32, entries)
+	r.slots = make([]slot, entries)
 	for i := range r.slots {
 		r.slots[i].res = make(chan int32, 1)
 		r.free <- uint32(i)
@@ -159,28 +109,12 @@ func New(entries uint32) (*Ring, error) {
 	return r, nil
 }
 
-// setup maps the rings, checks the operations and registers the eventfd.
-func (r *Ring) setup(p *params) error {
-	if p.features&featSingleMmap == 0 || p.features&featNoDrop == 0 {
-		return fmt.Errorf("io_uring: kernel lacks single-mmap or no-drop rings (features %#x; Linux 5.5 or later has them)", p.features)
+// setup checks the kernel's features and operations and registers the
+// eventfd.
+func (r *Ring) setup() error {
+	if f := r.raw.features; f&featNoDrop == 0 {
+		return fmt.Errorf("io_uring: kernel lacks no-drop rings (features %#x; Linux 5.5 or later has them)", f)
 	}
-	size := max(p.sqOff.array+p.sqEntries*4, p.cqOff.cqes+p.cqEntries*cqeSize)
-	var err error
-	if r.rings, err = unix.Mmap(r.fd, offSQRing, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
-		return fmt.Errorf("io_uring: map rings: %w", err)
-	}
-	if r.sqes, err = unix.Mmap(r.fd, offSQEs, int(p.sqEntries*sqeSize), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED|unix.MAP_POPULATE); err != nil {
-		return fmt.Errorf("io_uring: map submission entries: %w", err)
-	}
-	base := unsafe.Pointer(&r.rings[0])
-	r.sqHead = (*uint32)(unsafe.Add(base, p.sqOff.head))
-	r.sqTail = (*uint32)(unsafe.Add(base, p.sqOff.tail))
-	r.sqMask = *(*uint32)(unsafe.Add(base, p.sqOff.ringMask))
-	r.sqArray = unsafe.Add(base, p.sqOff.array)
-	r.cqHead = (*uint32)(unsafe.Add(base, p.cqOff.head))
-	r.cqTail = (*uint32)(unsafe.Add(base, p.cqOff.tail))
-	r.cqMask = *(*uint32)(unsafe.Add(base, p.cqOff.ringMask))
-	r.cqes = unsafe.Add(base, p.cqOff.cqes)
 	if err := r.probe(opRead, opWrite); err != nil {
 		return err
 	}
@@ -190,7 +124,7 @@ func (r *Ring) setup(p *params) error {
 	}
 	r.event = os.NewFile(uintptr(efd), "io_uring-eventfd")
 	fd32 := int32(efd)
-	if _, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerEventfd, uintptr(unsafe.Pointer(&fd32)), 1, 0, 0); errno != 0 {
+	if _, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.raw.Fd()), registerEventfd, uintptr(unsafe.Pointer(&fd32)), 1, 0, 0); errno != 0 {
 		return fmt.Errorf("io_uring: register eventfd: %w", errno)
 	}
 	return nil
@@ -202,7 +136,7 @@ func (r *Ring) probe(ops ...uint8) error {
 	// struct io_uring_probe: last_op, ops_len, resv, resv2[3], then
 	// struct io_uring_probe_op {op, resv, flags u16, resv2 u32} each.
 	buf := make([]byte, 16+nops*8)
-	if _, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.fd), registerProbe, uintptr(unsafe.Pointer(&buf[0])), nops, 0, 0); errno != 0 {
+	if _, _, errno := unix.Syscall6(unix.SYS_IO_URING_REGISTER, uintptr(r.raw.Fd()), registerProbe, uintptr(unsafe.Pointer(&buf[0])), nops, 0, 0); errno != 0 {
 		return fmt.Errorf("io_uring: probe operations: %w", errno)
 	}
 	return checkProbe(buf, ops...)
@@ -314,31 +248,18 @@ func (r *Ring) submit(op uint8, fd int, p []byte, off int64, id uint32) error {
 		return ErrClosed
 	default:
 	}
-	// Entries are consumed by the io_uring_enter below, under the same
-	// lock, so the queue never holds another unsubmitted one.
-	tail := *r.sqTail
-	idx := tail & r.sqMask
-	e := (*sqe)(unsafe.Add(unsafe.Pointer(&r.sqes[0]), uintptr(idx)*sqeSize))
-	*e = sqe{opcode: op, fd: int32(fd), off: uint64(off), addr: uint64(addr), len: uint32(len(p)), userData: uint64(id)}
-	*(*uint32)(unsafe.Add(r.sqArray, uintptr(idx)*4)) = idx
-	atomic.StoreUint32(r.sqTail, tail+1)
-	for {
-		n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), 1, 0, 0, 0, 0)
-		switch {
-		case errno == unix.EINTR:
-			continue
-		case errno != 0 || n != 1:
-			if atomic.LoadUint32(r.sqHead) != tail+1 {
-				// Not consumed: take it back.
-				atomic.StoreUint32(r.sqTail, tail)
-			}
-			if errno == 0 {
-				errno = unix.EAGAIN
-			}
-			return fmt.Errorf("io_uring_enter: %w", errno)
-		}
-		return nil
+	// Entries are consumed by the Enter below, under the same lock, so
+	// the queue never holds another unsubmitted one.
+	if err := r.raw.Push(func(sqe []byte) {
+		PrepRW(sqe, op, fd, uint64(off), addr, uint32(len(p)), uint64(id))
+	}); err != nil {
+		return err
 	}
+	if err := r.raw.Enter(0); err != nil {
+		r.raw.Unpush()
+		return err
+	}
+	return nil
 }
 
 // reap delivers completions until the ring is closed. The eventfd is read
@@ -351,15 +272,11 @@ func (r *Ring) reap() {
 		if _, err := r.event.Read(b[:]); err != nil {
 			return
 		}
-		head := *r.cqHead // only this goroutine moves it
-		tail := atomic.LoadUint32(r.cqTail)
-		for ; head != tail; head++ {
-			c := (*cqe)(unsafe.Add(r.cqes, uintptr(head&r.cqMask)*cqeSize))
-			if c.userData < uint64(len(r.slots)) {
-				r.slots[c.userData].res <- c.res
+		r.raw.Reap(func(userData uint64, res int32) {
+			if userData < uint64(len(r.slots)) {
+				r.slots[userData].res <- res
 			}
-		}
-		atomic.StoreUint32(r.cqHead, head)
+		})
 	}
 }
 
@@ -387,12 +304,6 @@ func (r *Ring) release() error {
 			<-r.reaped
 		}
 	}
-	if r.sqes != nil {
-		errs = append(errs, unix.Munmap(r.sqes))
-	}
-	if r.rings != nil {
-		errs = append(errs, unix.Munmap(r.rings))
-	}
-	errs = append(errs, unix.Close(r.fd))
+	errs = append(errs, r.raw.Close())
 	return errors.Join(errs...)
 }

@@ -44,6 +44,10 @@ type Options struct {
 	// GuestFwd addresses, and nothing reaches it but the HostFwd ports.
 	// Without it the guest has only loopback.
 	Network *Network
+	// Kernel is the Debian kernel package, or meta-package, to boot
+	// (Kernel612 for ublk): default $PLOOP_CSI_VM_KERNEL_PKG, else the
+	// current stock kernel.
+	Kernel string
 }
 
 // Network is the guest's restricted link to the host's loopback.
@@ -151,7 +155,7 @@ func Exec(ctx context.Context, opts Options, cmd Command) (Result, error) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.Timeout)
 	defer cancel()
 	prepStart := time.Now()
-	boot, err := prepareBoot(ctx, logf)
+	boot, err := prepareBoot(ctx, cfg.Kernel, logf)
 	if err != nil {
 		return Result{}, fmt.Errorf("vmtest: prepare guest kernel: %w", err)
 	}

@@ -14,6 +14,8 @@ type guestModule struct {
 	// the background meanwhile (on a second vCPU) and are waited for before
 	// the command starts.
 	Boot bool
+	// Optional modules are left out of kernels that lack them.
+	Optional bool
 }
 
 // guestModules are what the kernel tests need beyond the built-in parts of
@@ -43,6 +45,9 @@ func guestModules() []guestModule {
 		{Name: "overlay"},
 		{Name: "bridge"},
 		{Name: "veth"},
+		// ublk: userspace block devices over io_uring (6.0 and later;
+		// Debian's 6.1 builds it out, its 6.12 has it: Kernel612).
+		{Name: "ublk_drv", Optional: true},
 	}
 }
 

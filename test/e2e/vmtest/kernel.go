@@ -54,19 +54,31 @@ func cacheDir() (string, error) {
 	return filepath.Join(os.TempDir(), fmt.Sprintf("ploop-csi-cache-%d", os.Getuid())), nil
 }
 
-// kernelPackage names the concrete kernel package to boot:
+// Kernel612 is Debian 12's 6.12 kernel (a meta-package following its
+// point releases): it has ublk_drv, which the default 6.1 kernel lacks.
+// Tests that need ublk boot it with Options.Kernel.
+const Kernel612 = "linux-image-6.12-amd64"
+
+// kernelPackage names the concrete kernel package to boot: want (a kernel
+// package, or a meta-package such as Kernel612) if set, else
 // $PLOOP_CSI_VM_KERNEL_PKG if set, else what linux-image-amd64 depends on.
-func kernelPackage(ctx context.Context) (string, error) {
-	if p := os.Getenv("PLOOP_CSI_VM_KERNEL_PKG"); p != "" {
-		return p, nil
+func kernelPackage(ctx context.Context, want string) (string, error) {
+	if want == "" {
+		if p := os.Getenv("PLOOP_CSI_VM_KERNEL_PKG"); p != "" {
+			return p, nil
+		}
+		want = kernelMetaPackage
 	}
-	out, err := runTool(ctx, "", "apt-cache", "depends", kernelMetaPackage)
+	out, err := runTool(ctx, "", "apt-cache", "depends", want)
 	if err != nil {
-		return "", fmt.Errorf("find the kernel package behind %s: %w", kernelMetaPackage, err)
+		return "", fmt.Errorf("find the kernel package behind %s: %w", want, err)
 	}
 	pkg, err := parseAptDepends(out, "linux-image-")
 	if err != nil {
-		return "", fmt.Errorf("find the kernel package behind %s: %w", kernelMetaPackage, err)
+		if want != kernelMetaPackage {
+			return want, nil // a concrete kernel package depends on no other
+		}
+		return "", fmt.Errorf("find the kernel package behind %s: %w", want, err)
 	}
 	return pkg, nil
 }
@@ -112,12 +124,12 @@ func packageVersion(ctx context.Context, pkg string) (string, error) {
 // prepareBoot returns the guest kernel and an initramfs for it, downloading
 // and building them into the cache when they are not there yet. Concurrent
 // test processes serialise on a lock file in the cache.
-func prepareBoot(ctx context.Context, logf func(string, ...any)) (bootFiles, error) {
+func prepareBoot(ctx context.Context, kernel string, logf func(string, ...any)) (bootFiles, error) {
 	busybox, err := findBusybox()
 	if err != nil {
 		return bootFiles{}, err
 	}
-	pkg, err := kernelPackage(ctx)
+	pkg, err := kernelPackage(ctx, kernel)
 	if err != nil {
 		return bootFiles{}, err
 	}
@@ -280,6 +292,10 @@ func buildBootFiles(ctx context.Context, deb, busybox, work string, logf func(st
 	sort.SliceStable(mods, func(i, j int) bool { return mods[i].Boot && !mods[j].Boot })
 	for _, m := range mods {
 		out, err := runTool(ctx, "", "modprobe", "-d", root, "-S", release, "--show-depends", m.Name)
+		if err != nil && m.Optional {
+			logf("vmtest: kernel %s has no module %s; tests that need it cannot run on it", release, m.Name)
+			continue
+		}
 		if err != nil {
 			return "", fmt.Errorf("resolve module %s: %w", m.Name, err)
 		}
@@ -327,11 +343,35 @@ func buildBootFiles(ctx context.Context, deb, busybox, work string, logf func(st
 	for _, a := range busyboxApplets() {
 		w.Symlink("bin/"+a, "busybox")
 	}
-	for _, p := range append(bootOrder, otherOrder...) {
-		if !strings.HasSuffix(p, ".ko") {
-			return "", fmt.Errorf("module %s is compressed; busybox insmod needs plain .ko files", p)
+	// busybox insmod needs plain .ko files: newer Debian kernels ship
+	// their modules compressed, so they are unpacked here.
+	plain := func(paths []string) ([]string, error) {
+		var names []string
+		for _, p := range paths {
+			name := filepath.Base(p)
+			switch {
+			case strings.HasSuffix(p, ".ko"):
+				w.CopyFile("lib/modules/"+name, 0o644, p)
+			case strings.HasSuffix(p, ".ko.xz"), strings.HasSuffix(p, ".ko.zst"):
+				tool := map[bool]string{true: "xz", false: "zstd"}[strings.HasSuffix(p, ".xz")]
+				data, err := runTool(ctx, "", tool, "-dc", p)
+				if err != nil {
+					return nil, fmt.Errorf("unpack module %s: %w", p, err)
+				}
+				name = strings.TrimSuffix(strings.TrimSuffix(name, ".xz"), ".zst")
+				w.File("lib/modules/"+name, 0o644, data)
+			default:
+				return nil, fmt.Errorf("module %s: want a .ko, .ko.xz or .ko.zst file", p)
+			}
+			names = append(names, filepath.Join(filepath.Dir(p), name))
 		}
-		w.CopyFile("lib/modules/"+filepath.Base(p), 0o644, p)
+		return names, nil
+	}
+	if bootOrder, err = plain(bootOrder); err != nil {
+		return "", err
+	}
+	if otherOrder, err = plain(otherOrder); err != nil {
+		return "", err
 	}
 	w.File("init", 0o755, []byte(initScript(bootOrder, otherOrder, params)))
 	if err := w.Close(); err != nil {
@@ -520,6 +560,6 @@ func checkPVHNote(vmlinux []byte) error {
 // later boot needs no network (the end-to-end cluster runs in a network
 // namespace of its own).
 func Prepare(ctx context.Context, logf func(string, ...any)) error {
-	_, err := prepareBoot(ctx, logf)
+	_, err := prepareBoot(ctx, "", logf)
 	return err
 }

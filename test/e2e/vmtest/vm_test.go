@@ -111,14 +111,14 @@ func TestExecQEMUMissing(t *testing.T) {
 func TestKernelDownloadFailure(t *testing.T) {
 	t.Setenv("PLOOP_CSI_CACHE", t.TempDir())
 	t.Setenv("PLOOP_CSI_VM_KERNEL_PKG", "linux-image-0.0.0-no-such-kernel-amd64")
-	_, err := prepareBoot(context.Background(), t.Logf)
+	_, err := prepareBoot(context.Background(), "", t.Logf)
 	if err == nil || !strings.Contains(err.Error(), "linux-image-0.0.0-no-such-kernel-amd64") {
 		t.Fatalf("unknown kernel package: got %v", err)
 	}
 	t.Logf("unknown package: %v", err)
 
 	t.Setenv("PLOOP_CSI_VM_KERNEL_PKG", "")
-	pkg, err := kernelPackage(context.Background())
+	pkg, err := kernelPackage(context.Background(), "")
 	if err != nil {
 		t.Fatal(err)
 	}

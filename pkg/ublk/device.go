@@ -1,0 +1,249 @@
+// Package ublk serves block devices to the kernel through ublk (Linux 6.0
+// and later): the kernel's ublk_drv hands each block request to this
+// process through io_uring and shared memory, and the process serves it
+// from a Backend (a ploop stack, a raw file), as pkg/nbd does over a
+// socket, but without a socket round trip per request.
+//
+// A Device is one /dev/ublkbN. Control commands (add, set parameters,
+// start, stop, delete) go through /dev/ublk-control; each hardware queue
+// has a thread that owns an io_uring on the device's char device
+// (/dev/ublkcN), fetches requests and commits their results, and a
+// goroutine per request doing the backend's I/O. Data moves by copy
+// between the request's pages and a buffer per request the queue maps.
+package ublk
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Backend is what a device serves: pkg/nbd's Backend, of which ublk uses
+// all but extents.
+type Backend interface {
+	Size() int64
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	// Flush makes every write that has returned durable.
+	Flush() error
+	Discard(off, length int64) error
+	WriteZeroes(off, length int64, noHole bool) error
+	ReadOnly() bool
+}
+
+// Options shape a device; the zero value is sensible.
+type Options struct {
+	// Queues is the number of hardware queues, each with a thread of its
+	// own: default the CPUs this process may use (the kernel caps it at
+	// the CPU count).
+	Queues int
+	// Depth is the number of requests a queue holds at once: default 64.
+	Depth int
+	// MaxIOBytes bounds one request: default 512 KiB.
+	MaxIOBytes int
+	// BlockSize is the logical block size, 512 (default) or 4096.
+	BlockSize int
+	// Flags are extra UBLK_F_* flags (FlagUserRecovery...).
+	Flags uint64
+}
+
+// Device is a served ublk device.
+type Device struct {
+	ctrl    *Control
+	backend Backend
+	info    DevInfo
+	maxIO   int
+	sectors uint64
+	char    *os.File
+	queues  []*queue
+	wg      sync.WaitGroup
+
+	mu     sync.Mutex
+	err    error // the first failure of a queue or a request
+	closed bool
+}
+
+// Create adds a device for backend, starts serving it and returns once
+// the kernel has made the block device (Path).
+func Create(ctrl *Control, backend Backend, opts Options) (*Device, error) {
+	if opts.Queues <= 0 {
+		opts.Queues = runtime.GOMAXPROCS(0)
+	}
+	if opts.Depth <= 0 {
+		opts.Depth = 64
+	}
+	if opts.MaxIOBytes <= 0 {
+		opts.MaxIOBytes = 512 << 10
+	}
+	if opts.BlockSize == 0 {
+		opts.BlockSize = 512
+	}
+	page := os.Getpagesize()
+	switch {
+	case opts.BlockSize != 512 && opts.BlockSize != 4096:
+		return nil, fmt.Errorf("ublk: block size %d: want 512 or 4096", opts.BlockSize)
+	case opts.Depth > maxQueueDepth:
+		return nil, fmt.Errorf("ublk: queue depth %d: at most %d", opts.Depth, maxQueueDepth)
+	case opts.Queues > 64:
+		return nil, fmt.Errorf("ublk: %d queues: at most 64", opts.Queues)
+	case opts.MaxIOBytes%page != 0 || opts.MaxIOBytes > 1<<25:
+		return nil, fmt.Errorf("ublk: max I/O %d bytes: want a multiple of the page size up to 32 MiB", opts.MaxIOBytes)
+	}
+	size := backend.Size()
+	if size <= 0 || size%int64(opts.BlockSize) != 0 {
+		return nil, fmt.Errorf("ublk: backend size %d is not a positive multiple of the %d-byte block", size, opts.BlockSize)
+	}
+	info, err := ctrl.add(DevInfo{
+		Queues:     uint16(opts.Queues),
+		Depth:      uint16(opts.Depth),
+		MaxIOBytes: uint32(opts.MaxIOBytes),
+		ID:         ^uint32(0),
+		Flags:      flagCmdIoctlEncode | opts.Flags,
+	})
+	if err != nil {
+		return nil, err
+	}
+	d := &Device{ctrl: ctrl, backend: backend, info: info, maxIO: int(info.MaxIOBytes), sectors: uint64(size) >> 9}
+	ok := false
+	defer func() {
+		if !ok {
+			d.teardown(false)
+		}
+	}()
+	shift := uint8(9)
+	if opts.BlockSize == 4096 {
+		shift = 12
+	}
+	p := params{
+		attrs:         attrVolatileCache | attrFUA,
+		logicalShift:  shift,
+		physicalShift: 12,
+		maxSectors:    uint32(d.maxIO >> 9),
+		devSectors:    d.sectors,
+	}
+	if backend.ReadOnly() {
+		p.attrs |= attrReadOnly
+	} else {
+		p.discardGranularity = 4096
+		p.maxDiscardSectors = 1 << 30 >> 9
+		p.maxZeroesSectors = 1 << 30 >> 9
+	}
+	if err := ctrl.setParams(info.ID, p); err != nil {
+		return nil, err
+	}
+	if d.char, err = openWait(d.CharPath()); err != nil {
+		return nil, err
+	}
+	for i := range int(info.Queues) {
+		q, err := newQueue(d, uint16(i), d.char)
+		if err != nil {
+			return nil, err
+		}
+		d.queues = append(d.queues, q)
+	}
+	fetched := make(chan error, len(d.queues))
+	for _, q := range d.queues {
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := q.run(fetched); err != nil {
+				d.fail(err)
+			}
+		}()
+	}
+	for range d.queues {
+		if err := <-fetched; err != nil {
+			return nil, err
+		}
+	}
+	if err := ctrl.start(info.ID); err != nil {
+		return nil, err
+	}
+	ok = true
+	return d, nil
+}
+
+// openWait opens a device node that the kernel has just created; devtmpfs
+// adds it at once, but udev may still be replacing it.
+func openWait(path string) (*os.File, error) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+		if err == nil {
+			return f, nil
+		}
+		if !errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+			return nil, fmt.Errorf("open %s: %w", path, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// ID is the device's number: /dev/ublkbID.
+func (d *Device) ID() uint32 { return d.info.ID }
+
+// Path is the block device.
+func (d *Device) Path() string { return fmt.Sprintf("/dev/ublkb%d", d.info.ID) }
+
+// CharPath is the device's char device, which its server holds.
+func (d *Device) CharPath() string { return fmt.Sprintf("/dev/ublkc%d", d.info.ID) }
+
+// Info is the device as the kernel set it up.
+func (d *Device) Info() DevInfo { return d.info }
+
+// Err is the first failure of a queue or a request, or nil.
+func (d *Device) Err() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.err
+}
+
+func (d *Device) fail(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.err == nil {
+		d.err = err
+	}
+}
+
+// Close removes the block device, after the kernel has finished the
+// requests in flight, and deletes the device. It is idempotent.
+func (d *Device) Close() error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return nil
+	}
+	d.closed = true
+	d.mu.Unlock()
+	return d.teardown(true)
+}
+
+func (d *Device) teardown(started bool) error {
+	var errs []error
+	if started {
+		// Queues keep serving while the kernel drains the disk.
+		if err := d.ctrl.Stop(d.info.ID); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, q := range d.queues {
+		q.stop()
+	}
+	d.wg.Wait()
+	for _, q := range d.queues {
+		q.release()
+	}
+	if d.char != nil {
+		d.char.Close()
+	}
+	if err := d.ctrl.Delete(d.info.ID); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,258 @@
+package ublk_test
+
+// Kernel-facing tests: one VM booting Debian's 6.12 kernel (the default
+// 6.1 has no ublk_drv), every case in it against the real ublk driver.
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ploop-csi/ploop-csi/internal/testcmd"
+	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/ublk"
+	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
+)
+
+func TestKernel(t *testing.T) {
+	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 15 * time.Minute}, []vmtest.Case{
+		{Name: "Control", Run: testControl},
+		{Name: "RawConcurrentVerify", Run: testRawConcurrentVerify},
+		{Name: "PloopExt4", Run: testPloopExt4},
+	})
+}
+
+func openControl(t *testing.T) *ublk.Control {
+	t.Helper()
+	c, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func create(t *testing.T, c *ublk.Control, b ublk.Backend, opts ublk.Options) *ublk.Device {
+	t.Helper()
+	d, err := ublk.Create(c, b, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Close() })
+	st, err := os.Stat(d.Path())
+	if err != nil || st.Mode()&os.ModeDevice == 0 || st.Mode()&os.ModeCharDevice != 0 {
+		// A missing node would let a writer create a regular file there.
+		t.Fatalf("%s is not a block device: %v %v", d.Path(), st, err)
+	}
+	return d
+}
+
+// closeGone closes d and checks that nothing of it is left in the kernel.
+func closeGone(t *testing.T, c *ublk.Control, d *ublk.Device) {
+	t.Helper()
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Err(); err != nil {
+		t.Errorf("device served with an error: %v", err)
+	}
+	name := filepath.Base(d.Path())
+	for _, p := range []string{d.Path(), d.CharPath(), "/sys/block/" + name} {
+		if _, err := os.Stat(p); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s still there after Close: %v", p, err)
+		}
+	}
+	if _, err := c.Info(d.ID()); !errors.Is(err, unix.ENODEV) {
+		t.Errorf("Info of a deleted device: %v, want ENODEV", err)
+	}
+}
+
+func testControl(t *testing.T) {
+	c := openControl(t)
+	f, err := c.Features()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("ublk features %#x", f)
+	if f&(ublk.FlagUserRecovery|ublk.FlagUserRecoveryReissue) != ublk.FlagUserRecovery|ublk.FlagUserRecoveryReissue {
+		t.Errorf("features %#x lack user recovery with reissue", f)
+	}
+	if err := c.Delete(1 << 20); !errors.Is(err, unix.ENODEV) {
+		t.Errorf("delete of a device that does not exist: %v, want ENODEV", err)
+	}
+	raw := rawFile(t, 8<<20)
+	d := create(t, c, raw, ublk.Options{Queues: 2, Depth: 8})
+	info, err := c.Info(d.ID())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.State != ublk.StateLive || info.Queues != 2 || info.Depth != 8 || info.ServerPID != int32(os.Getpid()) {
+		t.Errorf("info %+v: want live, 2 queues of 8, served by %d", info, os.Getpid())
+	}
+	if got := strings.TrimSpace(testcmd.Combined(t, "blockdev", "--getsize64", d.Path())); got != "8388608" {
+		t.Errorf("size %s, want 8388608", got)
+	}
+	closeGone(t, c, d)
+	if err := d.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+}
+
+func rawFile(t *testing.T, size int64) *ploop.Raw {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "disk.raw")
+	if err := os.WriteFile(p, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(p, size); err != nil {
+		t.Fatal(err)
+	}
+	r, err := ploop.OpenRaw(p, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// alignedBuf is memory O_DIRECT accepts.
+func alignedBuf(t *testing.T, n int) []byte {
+	t.Helper()
+	b, err := unix.Mmap(-1, 0, n, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Munmap(b) })
+	return b
+}
+
+// testRawConcurrentVerify: eight writers at once, each in a region of its
+// own, with direct I/O of 4 KiB to 256 KiB; then everything read back
+// through the device, a discard, and the backing file compared after Close.
+func testRawConcurrentVerify(t *testing.T) {
+	const size, writers = 64 << 20, 8
+	c := openControl(t)
+	raw := rawFile(t, size)
+	d := create(t, c, raw, ublk.Options{Queues: 2, Depth: 32})
+	model := make([]byte, size)
+	dev, err := os.OpenFile(d.Path(), os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	region := size / writers
+	for w := range writers {
+		buf := alignedBuf(t, 256<<10)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(uint64(w), 7))
+			for range 150 {
+				n := (1 + r.IntN(64)) << 12
+				off := w*region + r.IntN((region-n)>>12+1)<<12
+				for i := range buf[:n] {
+					buf[i] = byte(r.Uint32())
+				}
+				if _, err := dev.WriteAt(buf[:n], int64(off)); err != nil {
+					errs <- err
+					return
+				}
+				copy(model[off:], buf[:n])
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("write: %v", err)
+	}
+	if err := dev.Sync(); err != nil {
+		t.Fatalf("flush: %v", err)
+	}
+	compare := func(what string) {
+		t.Helper()
+		buf := alignedBuf(t, 1<<20)
+		for off := 0; off < size; off += len(buf) {
+			if _, err := dev.ReadAt(buf, int64(off)); err != nil {
+				t.Fatalf("%s: read at %d: %v", what, off, err)
+			}
+			if !bytes.Equal(buf, model[off:off+len(buf)]) {
+				t.Fatalf("%s: the device differs from what was written in the MiB at %d", what, off)
+			}
+		}
+	}
+	compare("after concurrent writes")
+
+	rng := [2]uint64{4 << 20, 2 << 20}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, dev.Fd(), unix.BLKDISCARD, uintptr(unsafe.Pointer(&rng[0]))); errno != 0 {
+		t.Fatalf("BLKDISCARD: %v", errno)
+	}
+	clear(model[rng[0] : rng[0]+rng[1]])
+	compare("after a discard")
+	dev.Close()
+
+	closeGone(t, c, d)
+	got, err := os.ReadFile(raw.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sha256.Sum256(got) != sha256.Sum256(model) {
+		t.Fatal("the backing file differs from what was written")
+	}
+}
+
+// testPloopExt4: ext4 on a ploop image served through ublk, its data
+// intact after the device is gone and the image served again.
+func testPloopExt4(t *testing.T) {
+	c := openControl(t)
+	path := filepath.Join(t.TempDir(), "root.hds")
+	img, err := ploop.Create(path, ploop.CreateOptions{Size: 256 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := create(t, c, img, ublk.Options{})
+	testcmd.Combined(t, "mkfs.ext4", "-q", d.Path())
+	mnt := t.TempDir()
+	testcmd.Combined(t, "mount", d.Path(), mnt)
+	data := make([]byte, 24<<20)
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := range data {
+		data[i] = byte(r.Uint32())
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "f"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	testcmd.Combined(t, "umount", mnt)
+	testcmd.Combined(t, "fsck.ext4", "-fn", d.Path())
+	closeGone(t, c, d)
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	testcmd.Combined(t, "qemu-img", "check", "-f", "parallels", path)
+
+	img, err = ploop.Open(path, ploop.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	d = create(t, c, img, ublk.Options{Queues: 1})
+	testcmd.Combined(t, "mount", "-o", "ro", d.Path(), mnt)
+	got, err := os.ReadFile(filepath.Join(mnt, "f"))
+	testcmd.Combined(t, "umount", mnt)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("file after re-serving the image: %d bytes, err %v; want the %d written", len(got), err, len(data))
+	}
+	closeGone(t, c, d)
+}
