@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -144,11 +146,45 @@ func (c *Control) Stop(id uint32) error {
 	return nil
 }
 
-// Delete removes a device. The kernel waits until no process has its
-// char device (/dev/ublkcN) open or mapped.
+// Delete removes a device. The kernel waits until nothing holds the
+// device any more: no server with its char device (/dev/ublkcN) open or
+// mapped, and no user of its block device (an open file, a mount), so
+// stop it and let go of it first; a device whose server died is stopped
+// the same way (its held requests fail).
 func (c *Control) Delete(id uint32) error {
 	if _, err := c.command(cmdDelDev, ctrlCmd{devID: id, queueID: ^uint16(0)}, nil); err != nil {
 		return fmt.Errorf("ublk delete device %d: %w", id, err)
 	}
 	return nil
+}
+
+// Find returns the devices whose Tag is tag, as a restarted server looks
+// for what it served. The kernel lists its devices in /sys/class/ublk-char.
+func (c *Control) Find(tag uint64) ([]DevInfo, error) {
+	entries, err := os.ReadDir("/sys/class/ublk-char")
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list ublk devices: %w", err)
+	}
+	var found []DevInfo
+	for _, e := range entries {
+		n, ok := strings.CutPrefix(e.Name(), "ublkc")
+		id, err := strconv.ParseUint(n, 10, 32)
+		if !ok || err != nil {
+			continue
+		}
+		info, err := c.Info(uint32(id))
+		if errors.Is(err, unix.ENODEV) {
+			continue // deleted meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		if info.ServerData == tag {
+			found = append(found, info)
+		}
+	}
+	return found, nil
 }

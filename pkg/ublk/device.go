@@ -13,6 +13,7 @@
 package ublk
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -48,8 +49,15 @@ type Options struct {
 	MaxIOBytes int
 	// BlockSize is the logical block size, 512 (default) or 4096.
 	BlockSize int
-	// Flags are extra UBLK_F_* flags (FlagUserRecovery...).
-	Flags uint64
+	// Recoverable keeps the device when its server dies: the kernel
+	// holds its requests, and hands those that were in flight to the
+	// next server again, until a new process takes it over with Recover.
+	// Without it the device fails with its server.
+	Recoverable bool
+	// Tag is kept by the kernel with the device (ublksrv_flags, which it
+	// never reads), so that a restarted server finds its devices with
+	// Control.Find: a hash of the volume's identity, say.
+	Tag uint64
 }
 
 // Device is a served ublk device.
@@ -98,12 +106,17 @@ func Create(ctrl *Control, backend Backend, opts Options) (*Device, error) {
 	if size <= 0 || size%int64(opts.BlockSize) != 0 {
 		return nil, fmt.Errorf("ublk: backend size %d is not a positive multiple of the %d-byte block", size, opts.BlockSize)
 	}
+	flags := uint64(flagCmdIoctlEncode)
+	if opts.Recoverable {
+		flags |= FlagUserRecovery | FlagUserRecoveryReissue
+	}
 	info, err := ctrl.add(DevInfo{
 		Queues:     uint16(opts.Queues),
 		Depth:      uint16(opts.Depth),
 		MaxIOBytes: uint32(opts.MaxIOBytes),
 		ID:         ^uint32(0),
-		Flags:      flagCmdIoctlEncode | opts.Flags,
+		Flags:      flags,
+		ServerData: opts.Tag,
 	})
 	if err != nil {
 		return nil, err
@@ -136,13 +149,78 @@ func Create(ctrl *Control, backend Backend, opts Options) (*Device, error) {
 	if err := ctrl.setParams(info.ID, p); err != nil {
 		return nil, err
 	}
-	if d.char, err = openWait(d.CharPath()); err != nil {
+	if err := d.serve(); err != nil {
 		return nil, err
 	}
-	for i := range int(info.Queues) {
+	if err := ctrl.start(info.ID); err != nil {
+		return nil, err
+	}
+	ok = true
+	return d, nil
+}
+
+// Recover takes over device id, whose server died, and serves it from
+// backend (the same volume, opened again). The kernel has held the
+// device's requests since; with reissue, those the dead server had taken
+// come again, so a filesystem above sees no error. ctx bounds the wait
+// for the kernel to notice the death (the dead process's files must be
+// released first).
+func Recover(ctx context.Context, ctrl *Control, id uint32, backend Backend) (*Device, error) {
+	info, err := ctrl.Info(id)
+	if err != nil {
+		return nil, err
+	}
+	if info.Flags&FlagUserRecovery == 0 {
+		return nil, fmt.Errorf("ublk recover device %d: it was not created recoverable", id)
+	}
+	d := &Device{ctrl: ctrl, backend: backend, info: info, maxIO: int(info.MaxIOBytes), sectors: uint64(backend.Size()) >> 9}
+	for {
+		_, err = ctrl.command(cmdStartUserRecover, ctrlCmd{devID: id, queueID: ^uint16(0)}, nil)
+		if !errors.Is(err, unix.EBUSY) {
+			break
+		}
+		// Busy until the dead server's files are gone and the device
+		// quiesced.
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("ublk recover device %d: still busy (state %d): %w", id, d.state(), ctx.Err())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("ublk recover device %d: start recovery: %w", id, err)
+	}
+	if err := d.serve(); err != nil {
+		d.teardown(false)
+		return nil, fmt.Errorf("ublk recover device %d: %w", id, err)
+	}
+	if _, err := ctrl.command(cmdEndUserRecover, ctrlCmd{devID: id, queueID: ^uint16(0), data: uint64(os.Getpid())}, nil); err != nil {
+		d.teardown(false)
+		return nil, fmt.Errorf("ublk recover device %d: end recovery: %w", id, err)
+	}
+	return d, nil
+}
+
+func (d *Device) state() int {
+	info, err := d.ctrl.Info(d.info.ID)
+	if err != nil {
+		return -1
+	}
+	return int(info.State)
+}
+
+// serve opens the char device and starts the queues; it returns once
+// every queue has fetched every tag, which START_DEV and
+// END_USER_RECOVERY wait for.
+func (d *Device) serve() error {
+	var err error
+	if d.char, err = openWait(d.CharPath()); err != nil {
+		return err
+	}
+	for i := range int(d.info.Queues) {
 		q, err := newQueue(d, uint16(i), d.char)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		d.queues = append(d.queues, q)
 	}
@@ -158,14 +236,10 @@ func Create(ctrl *Control, backend Backend, opts Options) (*Device, error) {
 	}
 	for range d.queues {
 		if err := <-fetched; err != nil {
-			return nil, err
+			return err
 		}
 	}
-	if err := ctrl.start(info.ID); err != nil {
-		return nil, err
-	}
-	ok = true
-	return d, nil
+	return nil
 }
 
 // openWait opens a device node that the kernel has just created; devtmpfs

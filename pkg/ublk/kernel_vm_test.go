@@ -24,11 +24,22 @@ import (
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 )
 
+const helperEnv = "PLOOP_CSI_UBLK_HELPER"
+
+func TestMain(m *testing.M) {
+	if mode := os.Getenv(helperEnv); mode != "" {
+		os.Exit(helperMain(mode))
+	}
+	os.Exit(m.Run())
+}
+
 func TestKernel(t *testing.T) {
 	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 15 * time.Minute}, []vmtest.Case{
 		{Name: "Control", Run: testControl},
 		{Name: "RawConcurrentVerify", Run: testRawConcurrentVerify},
 		{Name: "PloopExt4", Run: testPloopExt4},
+		{Name: "RecoverAfterKill", Run: testRecoverAfterKill},
+		{Name: "RemoveDeadServer", Run: testRemoveDeadServer},
 	})
 }
 

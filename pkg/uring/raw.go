@@ -139,7 +139,9 @@ func (r *Raw) Enter(wait uint32) error {
 	if wait > 0 {
 		flags = enterGetEvents
 	}
-	for {
+	for r.pending > 0 || (wait > 0 && r.ready() < wait) {
+		// The runtime's preemption signals interrupt the wait: a return
+		// is not a completion, so the loop checks the CQ itself.
 		n, _, errno := unix.Syscall6(unix.SYS_IO_URING_ENTER, uintptr(r.fd), uintptr(r.pending), uintptr(wait), flags, 0, 0)
 		if errno == unix.EINTR {
 			continue
@@ -151,10 +153,13 @@ func (r *Raw) Enter(wait uint32) error {
 			return fmt.Errorf("io_uring_enter: no entry taken: %w", unix.EAGAIN)
 		}
 		r.pending -= uint32(n)
-		if r.pending == 0 || wait > 0 {
-			return nil
-		}
 	}
+	return nil
+}
+
+// ready is the number of completions waiting to be reaped.
+func (r *Raw) ready() uint32 {
+	return atomic.LoadUint32(r.cqTail) - atomic.LoadUint32(r.cqHead)
 }
 
 // Reap calls f for each completion there is, in order, and frees them.
