@@ -7,9 +7,11 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -36,7 +38,16 @@ func TestMain(m *testing.M) {
 func TestKernel(t *testing.T) {
 	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 15 * time.Minute}, []vmtest.Case{
 		{Name: "Control", Run: testControl},
-		{Name: "RawConcurrentVerify", Run: testRawConcurrentVerify},
+		{Name: "RawConcurrentVerify", Run: func(t *testing.T) {
+			for _, c := range []struct {
+				inline    bool
+				blockSize int
+			}{{false, 512}, {true, 4096}} {
+				t.Run(fmt.Sprintf("inline=%v,block=%d", c.inline, c.blockSize), func(t *testing.T) {
+					testRawConcurrentVerify(t, c.inline, c.blockSize)
+				})
+			}
+		}},
 		{Name: "PloopExt4", Run: testPloopExt4},
 		{Name: "RecoverAfterKill", Run: testRecoverAfterKill},
 		{Name: "RemoveDeadServer", Run: testRemoveDeadServer},
@@ -94,7 +105,7 @@ func testControl(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("ublk features %#x", f)
+	t.Logf("ublk features %#x (online resize: %v)", f, f&ublk.FlagUpdateSize != 0)
 	if f&(ublk.FlagUserRecovery|ublk.FlagUserRecoveryReissue) != ublk.FlagUserRecovery|ublk.FlagUserRecoveryReissue {
 		t.Errorf("features %#x lack user recovery with reissue", f)
 	}
@@ -150,11 +161,14 @@ func alignedBuf(t *testing.T, n int) []byte {
 // testRawConcurrentVerify: eight writers at once, each in a region of its
 // own, with direct I/O of 4 KiB to 256 KiB; then everything read back
 // through the device, a discard, and the backing file compared after Close.
-func testRawConcurrentVerify(t *testing.T) {
+func testRawConcurrentVerify(t *testing.T, inline bool, blockSize int) {
 	const size, writers = 64 << 20, 8
 	c := openControl(t)
 	raw := rawFile(t, size)
-	d := create(t, c, raw, ublk.Options{Queues: 2, Depth: 32})
+	d := create(t, c, raw, ublk.Options{Queues: 2, Depth: 32, Inline: inline, BlockSize: blockSize})
+	if got := strings.TrimSpace(testcmd.Combined(t, "blockdev", "--getss", d.Path())); got != strconv.Itoa(blockSize) {
+		t.Fatalf("logical block size %s, want %d", got, blockSize)
+	}
 	model := make([]byte, size)
 	dev, err := os.OpenFile(d.Path(), os.O_RDWR|unix.O_DIRECT, 0)
 	if err != nil {
@@ -258,7 +272,7 @@ func testPloopExt4(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer img.Close()
-	d = create(t, c, img, ublk.Options{Queues: 1})
+	d = create(t, c, img, ublk.Options{Queues: 1, Inline: true})
 	testcmd.Combined(t, "mount", "-o", "ro", d.Path(), mnt)
 	got, err := os.ReadFile(filepath.Join(mnt, "f"))
 	testcmd.Combined(t, "umount", mnt)

@@ -133,6 +133,8 @@ func (q *queue) run(fetched chan<- error) error {
 						fail = err
 					}
 				}
+			case res == ioResOK && q.dev.inline:
+				commits = append(commits, completion{tag, q.do(tag)})
 			case res == ioResOK:
 				q.serving.Add(1)
 				go q.serve(tag)

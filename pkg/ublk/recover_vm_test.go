@@ -28,7 +28,8 @@ import (
 
 // helperMain serves the raw file $PLOOP_CSI_UBLK_FILE through a
 // recoverable device tagged $PLOOP_CSI_UBLK_TAG: a new one ("serve"), or
-// the one a killed helper left ("recover"). It prints "ready ID" and
+// the one a killed helper left ("recover"), inline when
+// $PLOOP_CSI_UBLK_INLINE is 1. It prints "ready ID" and
 // serves until SIGTERM, then closes the device.
 func helperMain(mode string) int {
 	fail := func(err error) int { fmt.Fprintln(os.Stderr, "ublk helper:", err); return 1 }
@@ -48,10 +49,11 @@ func helperMain(mode string) int {
 		return fail(err)
 	}
 	defer c.Close()
+	inline := os.Getenv("PLOOP_CSI_UBLK_INLINE") == "1"
 	var d *ublk.Device
 	switch mode {
 	case "serve":
-		d, err = ublk.Create(c, raw, ublk.Options{Queues: 2, Depth: 16, Recoverable: os.Getenv("PLOOP_CSI_UBLK_NORECOVER") == "", Tag: tag})
+		d, err = ublk.Create(c, raw, ublk.Options{Queues: 2, Depth: 16, Recoverable: os.Getenv("PLOOP_CSI_UBLK_NORECOVER") == "", Tag: tag, Inline: inline})
 	case "recover":
 		var found []ublk.DevInfo
 		if found, err = c.Find(tag); err == nil && len(found) != 1 {
@@ -59,7 +61,7 @@ func helperMain(mode string) int {
 		}
 		if err == nil {
 			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			d, err = ublk.Recover(ctx, c, found[0].ID, raw)
+			d, err = ublk.Recover(ctx, c, found[0].ID, raw, ublk.Options{Inline: inline})
 			cancel()
 		}
 	default:
@@ -180,7 +182,13 @@ func testRecoverAfterKill(t *testing.T) {
 			return err == nil && info.State == ublk.StateQuiesced, err
 		})
 		before := writes.Load()
-		h = startHelper(t, "recover", path, tag)
+		// Every other server serves inline, so both ways see requests
+		// reissued.
+		var env []string
+		if k%2 == 0 {
+			env = append(env, "PLOOP_CSI_UBLK_INLINE=1")
+		}
+		h = startHelper(t, "recover", path, tag, env...)
 		t.Logf("kill %d: recovered in %v; %d writes done before it", k+1, time.Since(killed).Round(time.Millisecond), before)
 		if want := fmt.Sprintf("/dev/ublkb%d", h.id); want != devPath {
 			t.Fatalf("recovered %s, want %s", want, devPath)

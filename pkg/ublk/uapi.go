@@ -44,6 +44,10 @@ const (
 	FlagUserRecovery        = 1 << 3
 	FlagUserRecoveryReissue = 1 << 4
 	flagCmdIoctlEncode      = 1 << 6
+	// FlagUpdateSize says the kernel can change a live device's size
+	// (UBLK_U_CMD_UPDATE_SIZE): without it, as in 6.12, a device keeps
+	// the size it started with.
+	FlagUpdateSize = 1 << 10
 
 	// Device states (ublksrv_ctrl_dev_info.state).
 	StateDead     = 0

@@ -10,6 +10,8 @@
 #      written before each snapshot (3 samples each); goal: the ratio about 1;
 #   3. ploop-csi's RSS with 0, 1 and 16 sparse 1 TiB volumes staged; goal
 #      at most 16 MiB per volume.
+# The VM boots Debian's 6.12 kernel, which has ublk: the fio table then has
+# a fourth device, the same image format served through ublk (pkg/ublk).
 # It needs root and a kernel with nbd and loop, so it runs in the test VM
 # (test/e2e/vmtest; one boot) unless BENCH_DRIVER_VM=0 says to run it here.
 # Under software emulation (no KVM) the absolute numbers are the emulator's
@@ -18,6 +20,8 @@
 # read. About 20 minutes under TCG, mostly writing the 2 GiB volume 3 times.
 #
 # Knobs: BENCH_DRIVER_VM (1: in the VM, the default; 0: here),
+# BENCH_DRIVER_KERNEL (the guest's kernel package, default
+# linux-image-6.12-amd64; "" for the harness's stock kernel),
 # BENCH_DRIVER_MEM (guest MiB, default 6144: the guest's tmpfs holds the
 # storage root, up to twice the 2 GiB volume), BENCH_DRIVER_ARGS (extra
 # benchdriver flags, e.g. "--fio-rounds 3 --sections fio").
@@ -40,7 +44,7 @@ status=0
 if [ "${BENCH_DRIVER_VM:-1}" = 0 ]; then
   bin/benchdriver --driver "$PWD/bin/ploop-csi" "${extra[@]}" || status=$?
 else
-  bin/vmrun -mem "${BENCH_DRIVER_MEM:-6144}" -timeout 60m -- \
+  bin/vmrun -mem "${BENCH_DRIVER_MEM:-6144}" -timeout 60m -kernel "${BENCH_DRIVER_KERNEL-linux-image-6.12-amd64}" -- \
     "$PWD/bin/benchdriver" --driver "$PWD/bin/ploop-csi" --tmpdir /tmp "${extra[@]}" || status=$?
 fi
 echo "bench-driver: wall time $(( $(date +%s) - start )) s (VM boot included), exit status $status"

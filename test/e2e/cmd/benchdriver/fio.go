@@ -13,6 +13,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/ublk"
 )
 
 // fioJob is one of the measured jobs.
@@ -197,6 +200,20 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 		{"ploop", vol.target, fmt.Sprintf("ploop-csi Block volume, %s (published at the pod's path)", vol.dev), b.driver.Pid()},
 		qemu, loop,
 	}
+	// The ratios each table row shows: the driver against the goals'
+	// references, and where the kernel has ublk, the same image format
+	// served through it.
+	ratios := [][2]string{{"ploop", "qemu-nbd"}, {"ploop", "loop"}}
+	if _, err := os.Stat(ublk.ControlPath); err == nil {
+		for _, inline := range []bool{false, true} {
+			u, err := b.ublkDevice(size, inline)
+			if err != nil {
+				return "", err
+			}
+			devs = append(devs, u)
+		}
+		ratios = append(ratios, [2]string{"ublk", "loop"}, [2]string{"ublk-inl", "loop"}, [2]string{"ublk-inl", "ploop"})
+	}
 	var jobs []fioJob
 	for _, j := range fioJobs {
 		if b.cfg.fioJobs[j.rw] {
@@ -253,15 +270,26 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 	t := table{
 		title: fmt.Sprintf("fio, direct I/O (libaio), %d MiB devices, %v per job and device%s, %d round(s), median",
 			b.cfg.fioMiB, b.cfg.fioTime, warmUp(b.cfg.fioRamp), b.cfg.fioRounds),
-		header: []string{"job", "ploop", "qemu-nbd", "loop", "ploop/qemu-nbd", "ploop/loop"},
+		header: []string{"job"},
+	}
+	for _, d := range devs {
+		t.header = append(t.header, d.name)
+	}
+	for _, r := range ratios {
+		t.header = append(t.header, r[0]+"/"+r[1])
 	}
 	iops := func(r fioResult) float64 { return r.IOPS }
 	mibs := func(r fioResult) float64 { return r.MiBs }
 	row := func(label string, value func(fioResult) float64, vals map[string][]fioResult, prec int) []string {
-		p, q, l := medianOf(vals["ploop"], value), medianOf(vals["qemu-nbd"], value), medianOf(vals["loop"], value)
-		return []string{label, num(p, prec), num(q, prec), num(l, prec),
-			ratio(p, q) + roundRange(vals["ploop"], vals["qemu-nbd"], value),
-			ratio(p, l) + roundRange(vals["ploop"], vals["loop"], value)}
+		cells := []string{label}
+		for _, d := range devs {
+			cells = append(cells, num(medianOf(vals[d.name], value), prec))
+		}
+		for _, r := range ratios {
+			a, b := vals[r[0]], vals[r[1]]
+			cells = append(cells, ratio(medianOf(a, value), medianOf(b, value))+roundRange(a, b, value))
+		}
+		return cells
 	}
 	var missQemu, missLoop []string
 	for _, j := range jobs {
@@ -287,8 +315,19 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 		cpu := func(r fioResult) float64 { return r.cpuPerIO() }
 		for _, j := range jobs {
 			vals := res[j.label]
-			p, q := medianOf(vals["ploop"], cpu), medianOf(vals["qemu-nbd"], cpu)
-			t.rows = append(t.rows, []string{"server CPU µs per request, " + j.rw, num(p, 0), num(q, 0), "", ratio(p, q), ""})
+			cells := []string{"server CPU µs per request, " + j.rw}
+			for _, d := range devs {
+				c := ""
+				if d.server != 0 {
+					c = num(medianOf(vals[d.name], cpu), 0)
+				}
+				cells = append(cells, c)
+			}
+			cells = append(cells, ratio(medianOf(vals["ploop"], cpu), medianOf(vals["qemu-nbd"], cpu)))
+			for range ratios[1:] {
+				cells = append(cells, "")
+			}
+			t.rows = append(t.rows, cells)
 		}
 	}
 	t.notes = []string{
@@ -296,10 +335,10 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 		goal("ploop ≥ 0.80x loop", len(jobs), missLoop),
 	}
 	if b.cfg.fioRamp == 0 {
-		t.notes = append(t.notes, "server CPU: user+system time of the serving process (ploop-csi, qemu-nbd) per request; lower is better, and less noisy than throughput on a busy host")
+		t.notes = append(t.notes, "server CPU: user+system time of the serving process (ploop-csi, qemu-nbd, benchdriver for ublk) per request; lower is better, and less noisy than throughput on a busy host")
 	}
 	if b.cfg.fioRounds > 1 {
-		t.notes = append(t.notes, "ratios: of the medians, with the range of the per-round ratios (each round runs a job on all three devices back to back)")
+		t.notes = append(t.notes, "ratios: of the medians, with the range of the per-round ratios (each round runs a job on every device back to back)")
 	}
 	if len(b.cfg.driverFlags) > 0 {
 		t.notes = append(t.notes, "ploop-csi ran with "+strings.Join(b.cfg.driverFlags, " "))
@@ -307,7 +346,7 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 	for _, d := range devs {
 		t.notes = append(t.notes, fmt.Sprintf("%-8s %s", d.name, d.what))
 	}
-	t.notes = append(t.notes, "all three thin, on the same ext4 (a sparse file in the guest's tmpfs, on a loop device); "+
+	t.notes = append(t.notes, "all thin, on the same ext4 (a sparse file in the guest's tmpfs, on a loop device); "+
 		"the last row is their first, allocating write, not a goal")
 	return t.String(), nil
 }
@@ -478,4 +517,35 @@ func waitPidFileGone(ctx context.Context, pidFile string) error {
 		return fmt.Errorf("qemu-nbd (pid %d) did not exit after --disconnect: %w", pid, err)
 	}
 	return nil
+}
+
+// ublkDevice serves a new thin ploop image of size through ublk from
+// this process (pkg/ublk, as the driver's attach path would), with a
+// goroutine per request or inline on the queues' threads.
+func (b *bench) ublkDevice(size int64, inline bool) (fioDevice, error) {
+	name, how := "ublk", "a goroutine per request"
+	if inline {
+		name, how = "ublk-inl", "requests served inline on the queues' threads"
+	}
+	path := filepath.Join(b.cmp, name+".hds")
+	img, err := ploop.Create(path, ploop.CreateOptions{Size: size})
+	if err != nil {
+		return fioDevice{}, err
+	}
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		img.Close()
+		return fioDevice{}, err
+	}
+	d, err := ublk.Create(ctrl, img, ublk.Options{Inline: inline})
+	if err != nil {
+		ctrl.Close()
+		img.Close()
+		return fioDevice{}, err
+	}
+	b.cleanup = append(b.cleanup, func(context.Context) error {
+		return errors.Join(d.Close(), ctrl.Close(), img.Close(), os.Remove(path))
+	})
+	info := d.Info()
+	return fioDevice{name, d.Path(), fmt.Sprintf("a ploop image served through ublk by benchdriver itself (pkg/ublk: %d queues of depth %d, %s)", info.Queues, info.Depth, how), os.Getpid()}, nil
 }

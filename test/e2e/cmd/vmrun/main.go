@@ -35,6 +35,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	fs.IntVar(&opts.CPUs, "cpus", 0, "guest CPUs (default $PLOOP_CSI_VM_CPUS or 2)")
 	fs.StringVar(&opts.Accel, "accel", "", "kvm or tcg (default $PLOOP_CSI_VM_ACCEL, else kvm when usable)")
 	fs.DurationVar(&opts.Timeout, "timeout", 10*time.Minute, "limit for the whole VM run")
+	fs.StringVar(&opts.Kernel, "kernel", "", "Debian kernel package or meta-package to boot, e.g. "+vmtest.Kernel612+" for ublk (default $PLOOP_CSI_VM_KERNEL_PKG, else the stock kernel)")
 	dir := fs.String("C", "", "working directory in the guest (default: the current directory)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: vmrun [flags] -- CMD [ARG...]")
