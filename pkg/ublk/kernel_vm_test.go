@@ -51,6 +51,7 @@ func TestKernel(t *testing.T) {
 		{Name: "PloopExt4", Run: testPloopExt4},
 		{Name: "RecoverAfterKill", Run: testRecoverAfterKill},
 		{Name: "RemoveDeadServer", Run: testRemoveDeadServer},
+		{Name: "RecoverPloopExt4", Run: testRecoverPloopExt4},
 	})
 }
 
