@@ -132,8 +132,9 @@ func Create(ctrl *Control, backend Backend, opts Options) (*Device, error) {
 	d := &Device{ctrl: ctrl, backend: backend, info: info, maxIO: int(info.MaxIOBytes), sectors: uint64(size) >> 9, inline: opts.Inline}
 	ok := false
 	defer func() {
-		if !ok {
-			d.teardown(false)
+		if !ok { // never started: the device is this call's alone
+			d.stopServing()
+			d.ctrl.Delete(info.ID)
 		}
 	}()
 	shift := uint8(9)
@@ -198,12 +199,14 @@ func Recover(ctx context.Context, ctrl *Control, id uint32, backend Backend, opt
 	if err != nil {
 		return nil, fmt.Errorf("ublk recover device %d: start recovery: %w", id, err)
 	}
+	// On failure the device stays quiesced, holding its requests, for
+	// another Recover: it is the volume's, not this call's.
 	if err := d.serve(); err != nil {
-		d.teardown(false)
+		d.stopServing()
 		return nil, fmt.Errorf("ublk recover device %d: %w", id, err)
 	}
 	if _, err := ctrl.command(cmdEndUserRecover, ctrlCmd{devID: id, queueID: ^uint16(0), data: uint64(os.Getpid())}, nil); err != nil {
-		d.teardown(false)
+		d.stopServing()
 		return nil, fmt.Errorf("ublk recover device %d: end recovery: %w", id, err)
 	}
 	return d, nil
@@ -226,7 +229,7 @@ func (d *Device) serve() error {
 		return err
 	}
 	for i := range int(d.info.Queues) {
-		q, err := newQueue(d, uint16(i), d.char)
+		q, err := newQueue(d, uint16(i))
 		if err != nil {
 			return err
 		}
@@ -303,17 +306,14 @@ func (d *Device) Close() error {
 	}
 	d.closed = true
 	d.mu.Unlock()
-	return d.teardown(true)
+	// Queues keep serving while the kernel drains the disk.
+	err := d.ctrl.Stop(d.info.ID)
+	d.stopServing()
+	return errors.Join(err, d.ctrl.Delete(d.info.ID))
 }
 
-func (d *Device) teardown(started bool) error {
-	var errs []error
-	if started {
-		// Queues keep serving while the kernel drains the disk.
-		if err := d.ctrl.Stop(d.info.ID); err != nil {
-			errs = append(errs, err)
-		}
-	}
+// stopServing ends the queues and lets go of the char device.
+func (d *Device) stopServing() {
 	for _, q := range d.queues {
 		q.stop()
 	}
@@ -324,8 +324,4 @@ func (d *Device) teardown(started bool) error {
 	if d.char != nil {
 		d.char.Close()
 	}
-	if err := d.ctrl.Delete(d.info.ID); err != nil {
-		errs = append(errs, err)
-	}
-	return errors.Join(errs...)
 }

@@ -49,12 +49,12 @@ type completion struct {
 	res int32
 }
 
-func newQueue(d *Device, id uint16, char *os.File) (*queue, error) {
-	q := &queue{dev: d, id: id, depth: int(d.info.Depth), char: char, event: -1}
+func newQueue(d *Device, id uint16) (*queue, error) {
+	q := &queue{dev: d, id: id, depth: int(d.info.Depth), char: d.char, event: -1}
 	page := os.Getpagesize()
 	area := roundUp(maxQueueDepth*ioDescSize, page)
 	var err error
-	q.descs, err = unix.Mmap(int(char.Fd()), int64(id)*int64(area), roundUp(q.depth*ioDescSize, page), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
+	q.descs, err = unix.Mmap(int(q.char.Fd()), int64(id)*int64(area), roundUp(q.depth*ioDescSize, page), unix.PROT_READ, unix.MAP_SHARED|unix.MAP_POPULATE)
 	if err != nil {
 		return nil, fmt.Errorf("map the descriptors of queue %d: %w", id, err)
 	}
@@ -91,11 +91,8 @@ func (q *queue) run(fetched chan<- error) error {
 		return err
 	}
 	defer r.Close()
-	fd := int(q.char.Fd())
 	for tag := range q.depth {
-		t := uint16(tag)
-		payload := encodeIOCmd(q.id, t, 0, uint64(addrOf(q.buf(t))))
-		if err := r.Push(func(sqe []byte) { uring.PrepURingCmd(sqe, fd, iowr(ioFetchReq, ioCmdSize), kindIO|uint64(t), payload) }); err != nil {
+		if err := q.pushIOCmd(r, ioFetchReq, uint16(tag), 0); err != nil {
 			fetched <- err
 			return err
 		}
@@ -148,10 +145,7 @@ func (q *queue) run(fetched chan<- error) error {
 			}
 		})
 		for _, c := range commits {
-			payload := encodeIOCmd(q.id, c.tag, c.res, uint64(addrOf(q.buf(c.tag))))
-			if err := r.Push(func(sqe []byte) {
-				uring.PrepURingCmd(sqe, fd, iowr(ioCommitAndFetch, ioCmdSize), kindIO|uint64(c.tag), payload)
-			}); err != nil && fail == nil {
+			if err := q.pushIOCmd(r, ioCommitAndFetch, c.tag, c.res); err != nil && fail == nil {
 				fail = err
 			}
 		}
@@ -162,6 +156,15 @@ func (q *queue) run(fetched chan<- error) error {
 			return fail
 		}
 	}
+}
+
+// pushIOCmd queues a FETCH (or COMMIT_AND_FETCH with res) of tag, the
+// command written straight into the SQE: this runs once per request.
+func (q *queue) pushIOCmd(r *uring.Raw, op uint32, tag uint16, res int32) error {
+	return r.Push(func(sqe []byte) {
+		uring.PrepURingCmd(sqe, int(q.char.Fd()), iowr(op, ioCmdSize), kindIO|uint64(tag), nil)
+		putIOCmd(sqe[48:], q.id, tag, res, uint64(addrOf(q.buf(tag))))
+	})
 }
 
 // serve carries out one request and queues its completion.

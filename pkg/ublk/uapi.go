@@ -216,11 +216,10 @@ func decodeIODesc(b []byte, devSectors uint64, maxBytes int) (ioDesc, error) {
 	return d, nil
 }
 
-func encodeIOCmd(q, tag uint16, result int32, addr uint64) []byte {
-	b := make([]byte, ioCmdSize)
+// putIOCmd writes struct ublksrv_io_cmd into b.
+func putIOCmd(b []byte, q, tag uint16, result int32, addr uint64) {
 	le.PutUint16(b[0:], q)
 	le.PutUint16(b[2:], tag)
 	le.PutUint32(b[4:], uint32(result))
 	le.PutUint64(b[8:], addr)
-	return b
 }

@@ -18,9 +18,7 @@ func TestRawPushEnterReap(t *testing.T) {
 	}{{"64-byte entries", 0}, {"128-byte entries", SetupSQE128}} {
 		t.Run(c.name, func(t *testing.T) {
 			r, err := NewRaw(4, c.flags)
-			if Refused(err) {
-				t.Skipf("this kernel or its policy refuses io_uring: %v", err)
-			}
+			skipIfRefused(t, err)
 			if err != nil {
 				t.Fatal(err)
 			}
