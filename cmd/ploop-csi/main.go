@@ -82,6 +82,8 @@ type options struct {
 	nbdTimeout      time.Duration
 	deadConnTimeout time.Duration
 	directIO        bool
+	attach          string
+	ublkQueues      int
 	shutdownTimeout time.Duration
 	version         bool
 
@@ -135,6 +137,10 @@ func flags(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.nbdTimeout, "nbd-timeout", 0, "the kernel's per-request nbd timeout, whole seconds; 0 takes pkg/nbd's default")
 	fs.DurationVar(&o.deadConnTimeout, "dead-conn-timeout", 0, "how long the kernel holds a device's I/O while no process serves it "+
 		"(the longest a restart of this process may take), whole seconds; 0 takes pkg/nbd's default (2m)")
+	fs.StringVar(&o.attach, "attach", string(attachments.TransportNBD), "how ploop volumes reach the kernel by default: nbd; ublk (Linux 6.0+ with ublk_drv, several times faster; "+
+		"an attached volume then grows only once unstaged, until kernels with UBLK_F_UPDATE_SIZE); or auto (ublk when the kernel passes a self-test at start, else nbd). "+
+		"A StorageClass may ask for either with the parameter attach")
+	fs.IntVar(&o.ublkQueues, "ublk-queues", 0, "queues (each a thread) per ublk device; 0 is one per CPU")
 	fs.BoolVar(&o.directIO, "direct-io", true, "read and write ploop images with O_DIRECT, so that a volume's data is cached once (by its nbd device), "+
 		"not twice; turn it off only for a storage root on a filesystem without direct I/O (tmpfs before Linux 6.6)")
 	fs.DurationVar(&o.shutdownTimeout, "shutdown-timeout", driver.DefaultShutdownTimeout, "on SIGTERM, how long calls in flight may take before they are cut off")
@@ -166,6 +172,11 @@ func (o *options) check() error {
 		return errors.New("--registration-dir needs --mode node and --kubelet-registration-path")
 	case o.nbdConnections < 0 || o.nbdConnections > 64:
 		return fmt.Errorf("--nbd-connections %d: want 0 (the default) to 64", o.nbdConnections)
+	case o.ublkQueues < 0 || o.ublkQueues > 64:
+		return fmt.Errorf("--ublk-queues %d: want 0 (one per CPU) to 64", o.ublkQueues)
+	}
+	if t, err := attachments.ParseTransport(o.attach, true); err != nil || t == "" {
+		return fmt.Errorf("--attach %q: want nbd, ublk or auto", o.attach)
 	}
 	for _, d := range []struct {
 		name string
@@ -308,7 +319,8 @@ func openNodeStorage(ctx context.Context, o options, newNode newNodeFunc, obs at
 	}
 	node, err := newNode(ctx, nodeConfig{
 		StorageRoot: o.storageRoot, NodeID: o.nodeID, KubeletDir: o.kubeletDir, TrimInterval: o.trimInterval,
-		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO, Dirs: dirs,
+		NBDConnections: o.nbdConnections, NBDTimeout: o.nbdTimeout, DeadConnTimeout: o.deadConnTimeout, DirectIO: o.directIO,
+		Attach: attachments.Transport(o.attach), UblkQueues: o.ublkQueues, Dirs: dirs,
 		Observer: obs,
 	})
 	if err != nil {

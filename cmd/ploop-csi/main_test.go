@@ -72,6 +72,10 @@ func TestUsage(t *testing.T) {
 		{[]string{"--nodeid", "n", "--storage-root", root, "--nbd-timeout", "1500ms"}, exitUsage, "whole seconds"},
 		{[]string{"--nodeid", "n", "--storage-root", root, "--trim-interval", "-1s"}, exitUsage, "negative"},
 		{[]string{"--nodeid", "n", "--storage-root", root, "--bogus"}, exitUsage, "bogus"},
+		{[]string{"--nodeid", "n", "--storage-root", root, "--attach", "iscsi"}, exitUsage, "want nbd, ublk or auto"},
+		{[]string{"--nodeid", "n", "--storage-root", root, "--attach", ""}, exitUsage, "want nbd, ublk or auto"},
+		{[]string{"--nodeid", "n", "--storage-root", root, "--ublk-queues", "65"}, exitUsage, "--ublk-queues"},
+		{[]string{"--help"}, exitOK, "-attach string"},
 		{[]string{"--nodeid", "n", "--storage-root", root, "extra"}, exitUsage, "unexpected"},
 		{[]string{"--nodeid", "n", "--storage-root", root + "/missing", "--endpoint", "unix://" + root + "/s.sock"}, exitFail, "does not exist"},
 	} {

@@ -24,6 +24,10 @@ type nodeConfig struct {
 	DeadConnTimeout time.Duration
 	// DirectIO opens images with O_DIRECT.
 	DirectIO bool
+	// Attach is the default transport of ploop volumes; UblkQueues shapes
+	// ublk devices.
+	Attach     attachments.Transport
+	UblkQueues int
 	// Dirs is the storage root's simfs root, shared with the catalogue;
 	// nil refuses simfs volumes.
 	Dirs *simfs.Root
@@ -54,6 +58,7 @@ func newAttachments(ctx context.Context, cfg nodeConfig) (nodeAttachments, error
 		NodeID:      cfg.NodeID,
 		Attach: attachments.AttachOptions{
 			Connections: cfg.NBDConnections, Timeout: cfg.NBDTimeout, DeadConnTimeout: cfg.DeadConnTimeout,
+			Transport: cfg.Attach, UblkQueues: cfg.UblkQueues,
 		},
 		Direct:       cfg.DirectIO,
 		TrimInterval: cfg.TrimInterval,
@@ -84,7 +89,7 @@ func (n node) Stage(ctx context.Context, r driver.StageRequest) error {
 	return nodeErr(n.Manager.Stage(ctx, attachments.StageRequest{
 		VolumeID: r.VolumeID, Kind: attachments.Kind(r.Type), Path: r.Path, StagingPath: r.StagingPath,
 		Block: r.Block, FSType: r.FSType, MkfsOptions: r.MkfsOptions, MountOptions: r.MountOptions,
-		OnlineDiscard: r.OnlineDiscard,
+		OnlineDiscard: r.OnlineDiscard, Transport: attachments.Transport(r.Transport),
 	}))
 }
 

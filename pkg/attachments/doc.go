@@ -13,6 +13,11 @@
 // bind-mounts the directory. All mount and mkfs work goes through
 // pkg/mounts.
 //
+// A ploop volume reaches the kernel through nbd or ublk (Transport): the
+// node's default (Options.Attach.Transport: nbd, ublk, or auto after a
+// start-up self-test), or what the volume asks for; the record keeps it,
+// so a volume keeps its transport until it is unstaged.
+//
 // # State and restart
 //
 // The state directory (by default <storage root>/nodes/<node id>/) holds a

@@ -25,6 +25,7 @@ import (
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
 	"github.com/ploop-csi/ploop-csi/pkg/serving"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
+	"github.com/ploop-csi/ploop-csi/pkg/ublk"
 	"github.com/ploop-csi/ploop-csi/test/e2e/vmtest"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
@@ -49,16 +50,43 @@ func TestKernel(t *testing.T) {
 	})
 }
 
+// transportEnv carries the transport the VM cases attach through (""
+// for nbd) from a TestKernel* to its cases, and on to their children.
+const transportEnv = "PLOOP_CSI_TEST_TRANSPORT"
+
+// TestKernelUblk runs the data-path cases again over ublk, on the 6.12
+// kernel (the default one has no ublk_drv): the same stage, snapshot,
+// clone, kill and parallel checks, the node's default transport ublk.
+func TestKernelUblk(t *testing.T) {
+	overUblk := func(run func(*testing.T)) func(*testing.T) {
+		return func(t *testing.T) {
+			t.Setenv(transportEnv, string(TransportUblk))
+			run(t)
+		}
+	}
+	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 20 * time.Minute, MemoryMiB: 3072}, []vmtest.Case{
+		{Name: "Ext4Lifecycle", Run: overUblk(testExt4Lifecycle)},
+		{Name: "XFSSnapshotClone", Run: overUblk(testXFSSnapshotClone)},
+		{Name: "Block", Run: overUblk(testBlock)},
+		{Name: "ExpandOnline", Run: overUblk(testExpandOnline)},
+		{Name: "KillUnderWriter", Run: overUblk(testKillUnderWriter)},
+		{Name: "Parallel", Run: overUblk(testParallel)},
+		{Name: "PerVolumeTransport", Run: testPerVolumeTransport},
+	})
+}
+
 // vmEnv is a storage root on its own filesystem and a kubelet directory
 // outside it.
 type vmEnv struct {
 	root, kubelet, stateDir string
 	deadConn                time.Duration
+	transport               Transport // the node's default
 }
 
 func newVMEnv(t *testing.T, rootMiB int) *vmEnv {
 	t.Helper()
-	e := &vmEnv{root: vmtest.ScratchFS(t, "ext4", rootMiB), kubelet: t.TempDir(), deadConn: 60 * time.Second}
+	e := &vmEnv{root: vmtest.ScratchFS(t, "ext4", rootMiB), kubelet: t.TempDir(), deadConn: 60 * time.Second,
+		transport: Transport(os.Getenv(transportEnv))}
 	e.stateDir = filepath.Join(e.root, "nodes", "vm")
 	return e
 }
@@ -66,13 +94,54 @@ func newVMEnv(t *testing.T, rootMiB int) *vmEnv {
 func (e *vmEnv) options(t *testing.T) Options {
 	return Options{
 		StorageRoot: e.root, NodeID: "vm", PathPrefixes: []string{e.kubelet},
-		Attach: AttachOptions{Connections: 2, DeadConnTimeout: e.deadConn},
+		Attach: AttachOptions{Connections: 2, DeadConnTimeout: e.deadConn, Transport: e.transport},
 		Logger: ktesting.NewLogger(t, ktesting.NewConfig(ktesting.Verbosity(2))),
 	}
 }
 
 func (e *vmEnv) child(stage *StageRequest) childConfig {
-	return childConfig{StorageRoot: e.root, StateDir: e.stateDir, PathPrefixes: []string{e.kubelet}, DeadConnTimeout: e.deadConn, Stage: stage}
+	return childConfig{StorageRoot: e.root, StateDir: e.stateDir, PathPrefixes: []string{e.kubelet}, DeadConnTimeout: e.deadConn, Transport: e.transport, Stage: stage}
+}
+
+// ublk says whether the volumes attach through ublk.
+func (e *vmEnv) ublk() bool { return e.transport == TransportUblk }
+
+// wantDevice checks that dev is the kernel device of volume id over the
+// env's transport (a block device, found the way recovery finds it).
+func (e *vmEnv) wantDevice(t *testing.T, m *Manager, id, dev string) {
+	t.Helper()
+	if st, err := os.Stat(dev); err != nil || st.Mode()&os.ModeDevice == 0 {
+		t.Fatalf("%s is not a block device: %v", dev, err)
+	}
+	if e.ublk() {
+		info, ok, err := serving.FindUblk(m.ublk, id)
+		if err != nil || !ok || ublkDevicePath(info.ID) != dev || info.Flags&ublk.RecoveryFeatures != ublk.RecoveryFeatures {
+			t.Fatalf("ublk device of %s: %+v, %v, %v; want %s, recoverable", id, info, ok, err, dev)
+		}
+		return
+	}
+	if b, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/backend"); err != nil || strings.TrimSpace(string(b)) != id {
+		t.Fatalf("backend of %s: %q, %v", dev, b, err)
+	}
+}
+
+// wantNoDevice checks that no kernel device carries volume id.
+func (e *vmEnv) wantNoDevice(t *testing.T, id string) {
+	t.Helper()
+	if _, err := nbd.FindBackend(id); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("an nbd device still carries %s: %v", id, err)
+	}
+	if !e.ublk() {
+		return
+	}
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctrl.Close()
+	if info, ok, err := serving.FindUblk(ctrl, id); ok || err != nil {
+		t.Fatalf("a ublk device still carries %s: /dev/ublkb%d, %v", id, info.ID, err)
+	}
 }
 
 // manager starts a Manager; at the end of the test every volume it still
@@ -235,13 +304,11 @@ func testExt4Lifecycle(t *testing.T) {
 			t.Fatalf("stage #%d: %v", i+1, err)
 		}
 	}
-	if n := m.MaxVolumes(); n != 16 {
-		t.Fatalf("MaxVolumes = %d, want the guest's 16 nbd devices", n)
+	if n, want := m.MaxVolumes(), map[bool]int{false: 16, true: 64}[e.ublk()]; n != want {
+		t.Fatalf("MaxVolumes = %d, want the guest's %d devices", n, want)
 	}
 	dev := m.get(req.VolumeID).served.Device()
-	if b, err := os.ReadFile("/sys/block/" + filepath.Base(dev) + "/backend"); err != nil || strings.TrimSpace(string(b)) != req.VolumeID {
-		t.Fatalf("backend of %s: %q, %v", dev, b, err)
-	}
+	e.wantDevice(t, m, req.VolumeID, dev)
 	if got := strings.TrimSpace(testcmd.Combined(t, "blkid", "-s", "LABEL", "-o", "value", dev)); got != "lifecycle" {
 		t.Fatalf("label %q: mkfs options not applied", got)
 	}
@@ -350,8 +417,9 @@ func testExt4Lifecycle(t *testing.T) {
 			t.Fatalf("unstage #%d: %v", i+1, err)
 		}
 	}
-	if _, err := nbd.FindBackend(req.VolumeID); !errors.Is(err, os.ErrNotExist) {
-		t.Fatalf("device still bound after unstage: %v", err)
+	e.wantNoDevice(t, req.VolumeID)
+	if _, err := os.Stat(dev); !errors.Is(err, os.ErrNotExist) && e.ublk() {
+		t.Fatalf("%s left after unstage: %v", dev, err)
 	}
 	if _, err := os.Stat(req.StagingPath); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("staging path left: %v", err)
@@ -506,14 +574,23 @@ func testBlock(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer h.Close()
+	grown := int64(96 << 20)
 	for i := range 2 {
 		size, err := m.Expand(ctx, req.VolumeID, 96<<20, t1)
+		if e.ublk() {
+			// Refused, changing nothing (testExpandOnline grows it offline).
+			if !errors.Is(err, ErrInUse) {
+				t.Fatalf("expand #%d of a ublk device: %v, want ErrInUse", i+1, err)
+			}
+			grown = 64 << 20
+			continue
+		}
 		if err != nil || size != 96<<20 {
 			t.Fatalf("expand #%d: %d, %v", i+1, size, err)
 		}
 	}
-	if n, err := unix.Seek(int(h.Fd()), 0, 2); err != nil || n != 96<<20 {
-		t.Fatalf("open device has %d bytes after expansion: %v", n, err)
+	if n, err := unix.Seek(int(h.Fd()), 0, 2); err != nil || n != grown {
+		t.Fatalf("open device has %d bytes after expansion, want %d: %v", n, grown, err)
 	}
 	h.Close()
 	for _, p := range []string{t1, t2} {
@@ -757,6 +834,11 @@ func testExpandOnline(t *testing.T) {
 			t.Fatal(err)
 		}
 		before := mustStats(t, m, req.VolumeID, req.StagingPath)
+		if e.ublk() {
+			f.Close()
+			expandUblk(t, e, m, req, tc.size, tc.grow, before)
+			continue
+		}
 		for i := range 2 {
 			size, err := m.Expand(ctx, req.VolumeID, tc.grow, req.StagingPath)
 			if err != nil || size != tc.grow {
@@ -783,6 +865,114 @@ func testExpandOnline(t *testing.T) {
 			t.Fatal(err)
 		}
 		wantClean(t, req.Path)
+	}
+}
+
+// expandUblk: a ublk device on 6.12 cannot change its size, so growing a
+// staged volume is refused before the stack changes (FailedPrecondition
+// for the CO, which retries), and the grow happens while it is unstaged
+// (the catalogue's offline grow); staged again, the device has the new
+// size and the node's expansion grows the filesystem.
+func expandUblk(t *testing.T, e *vmEnv, m *Manager, req StageRequest, size, grow int64, before VolumeStats) {
+	ctx := tctx(t, 5*time.Minute)
+	if _, err := m.Expand(ctx, req.VolumeID, grow, req.StagingPath); !errors.Is(err, ErrInUse) || !strings.Contains(fmt.Sprint(err), "UPDATE_SIZE") {
+		t.Fatalf("expand of a staged ublk volume: %v, want ErrInUse naming UPDATE_SIZE", err)
+	}
+	if err := m.Grow(ctx, req.VolumeID, grow); !errors.Is(err, ErrInUse) {
+		t.Fatalf("grow of a staged ublk volume: %v, want ErrInUse", err)
+	}
+	if got := m.get(req.VolumeID).served.Size(); got != size {
+		t.Fatalf("the refused grow changed the stack to %d bytes", got)
+	}
+	if err := m.Unstage(ctx, req.VolumeID, req.StagingPath); err != nil {
+		t.Fatal(err)
+	}
+	st, err := ploop.OpenStack(req.Path, ploop.StackOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Grow(grow); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Stage(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := m.Expand(ctx, req.VolumeID, grow, req.StagingPath); err != nil || got != grow {
+		t.Fatalf("expand after the offline grow: %d, %v", got, err)
+	}
+	after := mustStats(t, m, req.VolumeID, req.StagingPath)
+	if after.TotalBytes-before.TotalBytes < (grow-size)*9/10 {
+		t.Fatalf("the filesystem grew by %d bytes for %d", after.TotalBytes-before.TotalBytes, grow-size)
+	}
+	if err := m.Unstage(ctx, req.VolumeID, req.StagingPath); err != nil {
+		t.Fatal(err)
+	}
+	wantClean(t, req.Path)
+	e.wantNoDevice(t, req.VolumeID)
+}
+
+// testPerVolumeTransport: on a node whose default is nbd, a volume asks
+// for ublk and another for nbd; each gets its own kind of device, keeps
+// it across a restart (when the node's default changed to ublk), and a
+// repeated stage asking for the other transport is a conflict.
+func testPerVolumeTransport(t *testing.T) {
+	e := newVMEnv(t, 512)
+	m := e.manager(t, nil)
+	ctx := tctx(t, 5*time.Minute)
+	if def, ok := m.Transport(); def != TransportNBD || !ok {
+		t.Fatalf("default %q, ublk usable %v; want nbd, true", def, ok)
+	}
+	u := e.ploopReq(t, "ploop-u", 64<<20, "")
+	u.Transport = TransportUblk
+	n := e.ploopReq(t, "ploop-n", 64<<20, "")
+	for _, r := range []StageRequest{u, n} {
+		if err := m.Stage(ctx, r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	devU, devN := m.get(u.VolumeID).served.Device(), m.get(n.VolumeID).served.Device()
+	if !strings.HasPrefix(devU, "/dev/ublkb") || !strings.HasPrefix(devN, "/dev/nbd") {
+		t.Fatalf("devices %s, %s; want ublk, nbd", devU, devN)
+	}
+	for _, r := range []StageRequest{u, n} {
+		if err := os.WriteFile(filepath.Join(r.StagingPath, "f"), pattern(3, 1<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	other := u
+	other.Transport = TransportNBD
+	if err := m.Stage(ctx, other); !errors.Is(err, ErrConflict) {
+		t.Fatalf("stage over nbd of a volume staged over ublk: %v, want ErrConflict", err)
+	}
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m = e.manager(t, func(o *Options) { o.Attach.Transport = TransportUblk })
+	if got := m.get(u.VolumeID).served.Device(); got != devU {
+		t.Fatalf("ublk volume after restart on %q, want %s", got, devU)
+	}
+	if got := m.get(n.VolumeID).served.Device(); got != devN {
+		t.Fatalf("nbd volume after restart on %q, want %s (a volume keeps its transport)", got, devN)
+	}
+	n.Transport = "" // the kubelet's repeat: the node's default is ublk now
+	for _, r := range []StageRequest{u, n} {
+		if err := m.Stage(ctx, r); err != nil {
+			t.Fatalf("repeated stage of %s: %v", r.VolumeID, err)
+		}
+		if got, err := os.ReadFile(filepath.Join(r.StagingPath, "f")); err != nil || !bytes.Equal(got, pattern(3, 1<<20)) {
+			t.Fatalf("%s after restart: %d bytes, %v", r.VolumeID, len(got), err)
+		}
+		if err := m.Unstage(ctx, r.VolumeID, r.StagingPath); err != nil {
+			t.Fatal(err)
+		}
+		wantClean(t, r.Path)
+	}
+	(&vmEnv{transport: TransportUblk}).wantNoDevice(t, u.VolumeID)
+	if _, err := os.Stat(devU); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("%s left after unstage: %v", devU, err)
 	}
 }
 
@@ -1255,7 +1445,8 @@ func testParallel(t *testing.T) {
 				if _, err := m.Snapshot(ctx, r.VolumeID); err != nil {
 					return err
 				}
-				if _, err := m.Expand(ctx, r.VolumeID, 96<<20, target); err != nil {
+				// A ublk device cannot grow while attached (6.12).
+				if _, err := m.Expand(ctx, r.VolumeID, 96<<20, target); err != nil && (!e.ublk() || !errors.Is(err, ErrInUse)) {
 					return err
 				}
 				st, err := m.Stats(ctx, r.VolumeID, target)

@@ -33,6 +33,7 @@ type childConfig struct {
 	StateDir        string
 	PathPrefixes    []string
 	DeadConnTimeout time.Duration
+	Transport       Transport
 	Stage           *StageRequest
 }
 
@@ -49,7 +50,7 @@ func childMain() int {
 	defer cancel()
 	m, err := New(ctx, Options{
 		StorageRoot: cfg.StorageRoot, StateDir: cfg.StateDir, PathPrefixes: cfg.PathPrefixes,
-		Attach: AttachOptions{DeadConnTimeout: cfg.DeadConnTimeout, Connections: 2},
+		Attach: AttachOptions{DeadConnTimeout: cfg.DeadConnTimeout, Connections: 2, Transport: cfg.Transport},
 	})
 	if err != nil {
 		fmt.Println("error:", err)

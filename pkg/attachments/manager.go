@@ -18,6 +18,7 @@ import (
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"github.com/ploop-csi/ploop-csi/pkg/serving"
 	"github.com/ploop-csi/ploop-csi/pkg/simfs"
+	"github.com/ploop-csi/ploop-csi/pkg/ublk"
 	"k8s.io/klog/v2"
 )
 
@@ -62,9 +63,16 @@ type Dirs interface {
 
 var _ Dirs = (*simfs.Root)(nil)
 
-// AttachOptions tune how ploop volumes are connected to kernel nbd
-// devices; zero values take pkg/nbd's defaults. Timeouts are whole seconds.
+// AttachOptions tune how ploop volumes are connected to kernel devices;
+// zero values take pkg/nbd's and pkg/ublk's defaults. Timeouts are whole
+// seconds.
 type AttachOptions struct {
+	// Transport is the node's default: nbd (""), ublk or auto. A volume
+	// may ask for one of them (StageRequest.Transport).
+	Transport Transport
+	// UblkQueues is the number of queues of a ublk device, each served
+	// by a thread of its own; 0 is one per CPU.
+	UblkQueues int
 	// Connections is the number of sockets per device.
 	Connections int
 	// Timeout is the kernel's per-request timeout.
@@ -148,6 +156,11 @@ type Manager struct {
 
 	kmu    sync.Mutex
 	kernel *nbd.Kernel // opened on first use: hosts without nbd serve simfs
+	// ublk is /dev/ublk-control when this kernel's ublk passed the
+	// self-test, else nil and ublkWhy says why.
+	ublk      *ublk.Control
+	ublkWhy   string
+	transport Transport // the node's default, resolved
 	// srv serves every ploop volume of the node, one export each (named
 	// by the volume id): a panic in one volume's request path fails that
 	// export alone (serving.Volume.Failed), never the others or the
@@ -199,6 +212,10 @@ func New(ctx context.Context, opts Options) (*Manager, error) {
 		vols:    map[string]*volume{},
 	}
 	start := time.Now()
+	if err := m.openUblk(); err != nil {
+		st.close()
+		return nil, err
+	}
 	if err := m.recover(ctx); err != nil {
 		m.closeKernel()
 		st.close()
@@ -236,6 +253,12 @@ func (o *Options) setDefaults() error {
 		}
 	}
 	a := o.Attach
+	if _, err := ParseTransport(string(a.Transport), true); err != nil {
+		return err
+	}
+	if a.UblkQueues < 0 || a.UblkQueues > 64 {
+		return fmt.Errorf("%d ublk queues: want 0 to 64: %w", a.UblkQueues, ErrInvalid)
+	}
 	if a.Connections < 0 || a.Timeout < 0 || a.DeadConnTimeout < 0 || a.Timeout%time.Second != 0 || a.DeadConnTimeout%time.Second != 0 {
 		return fmt.Errorf("attach options %+v: need non-negative whole seconds: %w", a, ErrInvalid)
 	}
@@ -392,6 +415,10 @@ func (m *Manager) closeKernel() {
 		m.kernel.Close()
 		m.kernel = nil
 	}
+	if m.ublk != nil {
+		m.ublk.Close()
+		m.ublk = nil
+	}
 }
 
 // attachOptions are the serving options of volume id. The backend
@@ -439,6 +466,13 @@ func (m *Manager) serve(ctx context.Context, rec record) (*serving.Volume, error
 		v.Close(ctx)
 		return nil, fmt.Errorf("%s is not a ploop stack directory: %w", rec.Path, ErrUnavailable)
 	}
+	if rec.Transport == TransportUblk {
+		if err := m.serveUblk(ctx, v, rec.VolumeID); err != nil {
+			v.Close(context.Background())
+			return nil, err
+		}
+		return v, nil
+	}
 	k, err := m.kernelConn()
 	if err != nil {
 		v.Close(ctx)
@@ -467,10 +501,14 @@ func (m *Manager) serve(ctx context.Context, rec record) (*serving.Volume, error
 	return v, nil
 }
 
-// MaxVolumes is how many ploop volumes the node can attach: the number of
-// nbd devices (/sys/block/nbd*, or the nbd module's nbds_max when that is
-// larger); 0 when the nbd driver is not loaded.
+// MaxVolumes is how many ploop volumes the node can attach through its
+// default transport: the number of nbd devices (/sys/block/nbd*, or the
+// nbd module's nbds_max when that is larger; 0 when the nbd driver is not
+// loaded), or ublk's ublks_max.
 func (m *Manager) MaxVolumes() int {
+	if m.transport == TransportUblk {
+		return ublkMax()
+	}
 	devs, _ := filepath.Glob("/sys/block/nbd*")
 	n := len(devs)
 	if b, err := os.ReadFile("/sys/module/nbd/parameters/nbds_max"); err == nil {

@@ -114,6 +114,8 @@ func TestNewRefusesOptions(t *testing.T) {
 		{"fractional timeout", func(o *Options) { o.Attach.DeadConnTimeout = 1500 * time.Millisecond }},
 		{"negative trim", func(o *Options) { o.TrimInterval = -time.Second }},
 		{"relative prefix", func(o *Options) { o.PathPrefixes = []string{"kubelet"} }},
+		{"transport", func(o *Options) { o.Attach.Transport = "iscsi" }},
+		{"ublk queues", func(o *Options) { o.Attach.UblkQueues = 65 }},
 	} {
 		o := e.options(t)
 		tc.mod(&o)
@@ -126,6 +128,44 @@ func TestNewRefusesOptions(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(e.root, "nodes")); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("refused options created the state directory: %v", err)
+	}
+}
+
+// TestTransportWithoutUblk: on a kernel without ublk (this host's), auto
+// falls back to nbd, an explicit ublk default fails New with the reason,
+// and a volume that asks for ublk is refused before anything is recorded.
+func TestTransportWithoutUblk(t *testing.T) {
+	if _, err := os.Stat("/dev/ublk-control"); err == nil {
+		t.Skip("this kernel has ublk: the VM tests cover it")
+	}
+	e := newHostEnv(t)
+	o := e.options(t)
+	o.Attach.Transport = TransportUblk
+	if m, err := New(ctxT(t), o); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "ublk") {
+		if m != nil {
+			m.Close()
+		}
+		t.Fatalf("New with ublk on a kernel without it = %v, want ErrInvalid naming ublk", err)
+	}
+	o.Attach.Transport = TransportAuto
+	m, err := New(ctxT(t), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	if def, ok := m.Transport(); def != TransportNBD || ok {
+		t.Fatalf("auto without ublk: default %q, ublk %v; want nbd, false", def, ok)
+	}
+	dir := filepath.Join(e.root, "ploop", "u")
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	req := StageRequest{VolumeID: "u", Kind: Ploop, Path: dir, StagingPath: filepath.Join(e.kubelet, "staging", "u"), Transport: TransportUblk}
+	if err := m.Stage(ctxT(t), req); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "ublk") {
+		t.Fatalf("stage through ublk = %v, want ErrUnavailable naming ublk", err)
+	}
+	if ok, _ := m.Attached(ctxT(t), "u"); ok {
+		t.Fatal("a refused stage left a record")
 	}
 }
 
@@ -256,6 +296,9 @@ func TestHostileRequests(t *testing.T) {
 		{"simfs block", func(r *StageRequest) { r.Block = true }},
 		{"simfs fs", func(r *StageRequest) { r.FSType = FSExt4 }},
 		{"ploop fs", func(r *StageRequest) { r.Kind = Ploop; r.FSType = "btrfs" }},
+		{"ploop transport", func(r *StageRequest) { r.Kind = Ploop; r.Transport = "iscsi" }},
+		{"ploop transport auto", func(r *StageRequest) { r.Kind = Ploop; r.Transport = TransportAuto }},
+		{"simfs transport", func(r *StageRequest) { r.Transport = TransportNBD }},
 		{"ploop block fs", func(r *StageRequest) { r.Kind = Ploop; r.Block = true; r.FSType = FSExt4 }},
 		{"mount option nul", func(r *StageRequest) { r.Kind = Ploop; r.MountOptions = []string{"a\x00"} }},
 		{"many options", func(r *StageRequest) { r.Kind = Ploop; r.MkfsOptions = make([]string, maxOptions+1) }},

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ploop-csi/ploop-csi/pkg/mounts"
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
 )
 
 // growUnit is the granularity of an attached volume's size: the nbd
@@ -72,7 +73,7 @@ func (m *Manager) expand(id string, newSize int64, volumePath string) (int64, er
 	switch cur := v.served.Size(); {
 	case cur < size:
 		if _, err := v.served.Grow(size); err != nil {
-			return 0, fmt.Errorf("expand %s: %w", id, err)
+			return 0, onlineErr("expand", id, err)
 		}
 	case devSize < cur:
 		// The stack grew (the controller's grow) but the device did not:
@@ -142,6 +143,10 @@ func onlineErr(op, id string, err error) error {
 	}
 	if errors.Is(err, os.ErrClosed) {
 		return fmt.Errorf("%s %s: %w (%v)", op, id, ErrNotAttached, err)
+	}
+	if errors.Is(err, serving.ErrResizeUnsupported) {
+		// Until the volume is unstaged: the offline grow then applies.
+		return fmt.Errorf("%s %s: %w: %v", op, id, ErrInUse, err)
 	}
 	return fmt.Errorf("%s %s: %w", op, id, err)
 }

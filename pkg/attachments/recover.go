@@ -33,9 +33,9 @@ func (m *Manager) recover(ctx context.Context) error {
 		m.log.V(1).Info("no nbd backends to match", "err", err)
 		backends = map[int]string{}
 	}
-	devices := map[string]int{}
+	devices := map[string]string{}
 	for i, id := range backends {
-		devices[id] = i
+		devices[id] = nbd.DevicePath(i)
 	}
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, recoverParallel)
@@ -49,12 +49,17 @@ func (m *Manager) recover(ctx context.Context) error {
 		if l.rec.Kind != Ploop {
 			continue
 		}
-		index, attached := devices[l.id]
+		dev, err := m.findDevice(l.id, l.rec.Transport, devices)
+		if err != nil {
+			m.log.Error(err, "look for the volume's device", "volume", l.id)
+			m.setProblem(l.id, fmt.Sprintf("recovery could not look for the volume's device: %v", err))
+			continue
+		}
 		wg.Add(1)
 		sem <- struct{}{}
 		go func() {
 			defer func() { <-sem; wg.Done() }()
-			m.recoverPloop(ctx, l.rec, index, attached)
+			m.recoverPloop(ctx, l.rec, dev)
 		}()
 	}
 	wg.Wait()
@@ -72,7 +77,8 @@ func (m *Manager) recover(ctx context.Context) error {
 //     Stage or calls Unstage;
 //   - no device but the filesystem still mounted (someone disconnected
 //     it): report it, touch nothing.
-func (m *Manager) recoverPloop(ctx context.Context, rec record, index int, attached bool) {
+func (m *Manager) recoverPloop(ctx context.Context, rec record, dev string) {
+	attached := dev != ""
 	id := rec.VolumeID
 	log := m.log.WithValues("volume", id)
 	unlock, err := m.lockVolume(ctx, id)
@@ -91,8 +97,8 @@ func (m *Manager) recoverPloop(ctx context.Context, rec record, index int, attac
 	if attached {
 		served, err := m.serve(ctx, rec)
 		if err != nil {
-			log.Error(err, "re-attach failed", "device", nbd.DevicePath(index))
-			m.setProblem(id, fmt.Sprintf("the node plugin could not serve the volume again after a restart, so its device %s fails I/O once the kernel stops waiting: %v; fix the cause, then unstage and stage it again", nbd.DevicePath(index), err))
+			log.Error(err, "re-attach failed", "device", dev)
+			m.setProblem(id, fmt.Sprintf("the node plugin could not serve the volume again after a restart, so its device %s fails I/O once the kernel stops waiting (ublk: holds it until unstaged): %v; fix the cause, then unstage and stage it again", dev, err))
 			return
 		}
 		nv := &volume{rec: rec.clone(), served: served}
@@ -120,7 +126,7 @@ func (m *Manager) recoverPloop(ctx context.Context, rec record, index int, attac
 	}
 	if !rec.Block {
 		if _, mounted, err := mounts.Mounted(rec.StagingPath); err != nil || mounted {
-			m.setProblem(id, fmt.Sprintf("the volume's nbd device was disconnected while its filesystem stayed mounted at %s: stop the pods that use it, then unstage and stage it again", rec.StagingPath))
+			m.setProblem(id, fmt.Sprintf("the volume's device was disconnected while its filesystem stayed mounted at %s: stop the pods that use it, then unstage and stage it again", rec.StagingPath))
 			return
 		}
 	}

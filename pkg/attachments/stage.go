@@ -34,6 +34,9 @@ type StageRequest struct {
 	// OnlineDiscard mounts with "discard", so that freed blocks return to
 	// the storage root at once rather than at the next periodic trim.
 	OnlineDiscard bool
+	// Transport asks for nbd or ublk; "" takes the node's default, or
+	// the transport the volume is already staged with.
+	Transport Transport
 }
 
 // record turns a validated request into the record of a volume being
@@ -46,6 +49,9 @@ func (r StageRequest) record() record {
 		Path:        r.Path,
 		StagingPath: r.StagingPath,
 		Block:       r.Block,
+	}
+	if r.Kind == Ploop {
+		rec.Transport = r.Transport
 	}
 	if r.Kind == Ploop && !r.Block {
 		rec.FSType = r.FSType
@@ -66,6 +72,12 @@ func (m *Manager) checkStage(r *StageRequest) error {
 	}
 	if err := m.checkMountPath("staging path", r.StagingPath); err != nil {
 		return err
+	}
+	if _, err := ParseTransport(string(r.Transport), false); err != nil {
+		return fmt.Errorf("stage %s: %w", r.VolumeID, err)
+	}
+	if r.Kind != Ploop && r.Transport != "" {
+		return fmt.Errorf("stage %s: only ploop volumes have a transport: %w", r.VolumeID, ErrInvalid)
 	}
 	switch r.Kind {
 	case Ploop:
@@ -114,6 +126,8 @@ func (r record) differs(n record) string {
 		return "mount options"
 	case r.OnlineDiscard != n.OnlineDiscard:
 		return "discard mode"
+	case r.Transport != n.Transport:
+		return "transport (nbd or ublk)"
 	}
 	return ""
 }
@@ -147,6 +161,19 @@ func (m *Manager) Stage(ctx context.Context, req StageRequest) error {
 func (m *Manager) stage(ctx context.Context, req StageRequest) error {
 	want := req.record()
 	v := m.get(req.VolumeID)
+	if want.Kind == Ploop && want.Transport == "" {
+		// A volume keeps its transport until it is unstaged, whatever
+		// the node's default has become.
+		want.Transport = m.transport
+		if v != nil && v.rec.Transport != "" {
+			want.Transport = v.rec.Transport
+		}
+	}
+	if v == nil && want.Transport == TransportUblk {
+		if _, err := m.ublkControl(); err != nil {
+			return fmt.Errorf("stage %s: %w", req.VolumeID, err)
+		}
+	}
 	if v != nil {
 		if d := v.rec.differs(want); d != "" {
 			return fmt.Errorf("stage %s: staged at %s with another %s: %w", req.VolumeID, v.rec.StagingPath, d, ErrConflict)
@@ -365,6 +392,9 @@ func (m *Manager) detach(ctx context.Context, v *volume) error {
 		}
 		m.set(v.rec.VolumeID, &volume{rec: v.rec})
 		return nil
+	}
+	if v.rec.Transport == TransportUblk {
+		return m.removeUblk(v.rec.VolumeID)
 	}
 	index, err := nbd.FindBackend(v.rec.VolumeID)
 	if errors.Is(err, os.ErrNotExist) {

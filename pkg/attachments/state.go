@@ -52,8 +52,11 @@ type record struct {
 	MkfsOptions   []string `json:"mkfsOptions,omitempty"`
 	MountOptions  []string `json:"mountOptions,omitempty"`
 	OnlineDiscard bool     `json:"onlineDiscard,omitempty"`
-	// Device is the nbd device the volume was attached to ("/dev/nbdN"),
-	// recorded once the attach succeeded.
+	// Transport is how the volume reaches the kernel: nbd or ublk.
+	// Records written before ublk existed have none: nbd.
+	Transport Transport `json:"transport,omitempty"`
+	// Device is the kernel device the volume was attached to
+	// ("/dev/nbdN", "/dev/ublkbN"), recorded once the attach succeeded.
 	Device string `json:"device,omitempty"`
 	// Staged says every staging step finished.
 	Staged  bool     `json:"staged"`
@@ -117,13 +120,24 @@ func (r *record) check() error {
 		if r.Block && (r.FSType != "" || len(r.MkfsOptions) > 0 || len(r.MountOptions) > 0 || r.OnlineDiscard) {
 			return fmt.Errorf("a block volume records a filesystem: %w", ErrInvalid)
 		}
-		if r.Device != "" {
-			if _, err := nbd.ParseDevice(r.Device); err != nil || nbd.DevicePath(mustIndex(r.Device)) != r.Device {
-				return fmt.Errorf("device %q: %w", r.Device, ErrInvalid)
+		switch r.Transport {
+		case "", TransportNBD:
+			if r.Device != "" {
+				if _, err := nbd.ParseDevice(r.Device); err != nil || nbd.DevicePath(mustIndex(r.Device)) != r.Device {
+					return fmt.Errorf("device %q: %w", r.Device, ErrInvalid)
+				}
 			}
+		case TransportUblk:
+			if r.Device != "" {
+				if err := parseUblkDevice(r.Device); err != nil {
+					return err
+				}
+			}
+		default:
+			return fmt.Errorf("transport %q: %w", r.Transport, ErrInvalid)
 		}
 	case Simfs:
-		if r.Block || r.FSType != "" || len(r.MkfsOptions) > 0 || len(r.MountOptions) > 0 || r.OnlineDiscard || r.Device != "" {
+		if r.Block || r.FSType != "" || len(r.MkfsOptions) > 0 || len(r.MountOptions) > 0 || r.OnlineDiscard || r.Device != "" || r.Transport != "" {
 			return fmt.Errorf("a simfs volume records ploop parameters: %w", ErrInvalid)
 		}
 	default:
@@ -170,6 +184,9 @@ func parseRecord(b []byte) (record, error) {
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return record{}, fmt.Errorf("decode record: data after the record: %w", ErrInvalid)
+	}
+	if r.Kind == Ploop && r.Transport == "" {
+		r.Transport = TransportNBD // written before ublk existed
 	}
 	if err := r.check(); err != nil {
 		return record{}, fmt.Errorf("record of %q: %w", r.VolumeID, err)

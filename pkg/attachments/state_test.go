@@ -14,7 +14,7 @@ func ploopRecord() record {
 		Version: recordVersion, VolumeID: "ploop-1", Kind: Ploop,
 		Path: "/root/ploop/volumes/ploop-1", StagingPath: "/kubelet/staging/ploop-1",
 		FSType: FSXFS, MkfsOptions: []string{"-m", "crc=1"}, MountOptions: []string{"noatime"},
-		OnlineDiscard: true, Device: "/dev/nbd3", Staged: true,
+		OnlineDiscard: true, Transport: TransportNBD, Device: "/dev/nbd3", Staged: true,
 		Targets: []target{{Path: "/kubelet/pods/a"}, {Path: "/kubelet/pods/b", ReadOnly: true}},
 	}
 }
@@ -22,7 +22,8 @@ func ploopRecord() record {
 func TestRecordRoundTrip(t *testing.T) {
 	for _, r := range []record{
 		ploopRecord(),
-		{Version: recordVersion, VolumeID: "ploop-b", Kind: Ploop, Path: "/r/b", StagingPath: "/s/b", Block: true},
+		{Version: recordVersion, VolumeID: "ploop-b", Kind: Ploop, Path: "/r/b", StagingPath: "/s/b", Block: true, Transport: TransportNBD},
+		{Version: recordVersion, VolumeID: "ploop-u", Kind: Ploop, Path: "/r/u", StagingPath: "/s/u", Block: true, Transport: TransportUblk, Device: "/dev/ublkb12"},
 		{Version: recordVersion, VolumeID: "simfs-c", Kind: Simfs, Path: "/r/c", StagingPath: "/s/c", Staged: true},
 	} {
 		b, err := r.encode()
@@ -36,6 +37,24 @@ func TestRecordRoundTrip(t *testing.T) {
 		if !reflect.DeepEqual(got, r) {
 			t.Fatalf("round trip:\n got %+v\nwant %+v", got, r)
 		}
+	}
+}
+
+// TestRecordBeforeUblk: a record written before transports existed is an
+// nbd volume.
+func TestRecordBeforeUblk(t *testing.T) {
+	r := ploopRecord()
+	r.Transport = ""
+	b, err := r.encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := parseRecord(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Transport != TransportNBD {
+		t.Fatalf("transport %q, want nbd", got.Transport)
 	}
 }
 
@@ -64,6 +83,14 @@ func TestParseRecordRefuses(t *testing.T) {
 		{"fs type", mod(func(r *record) { r.FSType = "btrfs" })},
 		{"device", mod(func(r *record) { r.Device = "/dev/sda" })},
 		{"device leading zero", mod(func(r *record) { r.Device = "/dev/nbd03" })},
+		{"transport", mod(func(r *record) { r.Transport = "iscsi" })},
+		{"nbd device over ublk", mod(func(r *record) { r.Transport = TransportUblk })},
+		{"ublk device over nbd", mod(func(r *record) { r.Device = "/dev/ublkb1" })},
+		{"ublk device leading zero", mod(func(r *record) { r.Transport, r.Device = TransportUblk, "/dev/ublkb01" })},
+		{"simfs with transport", mod(func(r *record) {
+			r.Kind, r.Transport, r.Device = Simfs, TransportNBD, ""
+			r.FSType, r.MkfsOptions, r.MountOptions, r.OnlineDiscard, r.Block = "", nil, nil, false, false
+		})},
 		{"block with fs", mod(func(r *record) { r.Block = true })},
 		{"simfs with device", mod(func(r *record) {
 			r.Kind = Simfs

@@ -88,11 +88,11 @@ func (m *Manager) ploopProblems(ctx context.Context, v *volume, st *VolumeStats)
 	}
 	select {
 	case <-v.served.Gone():
-		return []string{fmt.Sprintf("the nbd device %s was disconnected by someone else, so every I/O to the volume fails: stop the pods that use it, then unstage and stage it again", dev)}
+		return []string{fmt.Sprintf("the device %s was disconnected by someone else, so every I/O to the volume fails: stop the pods that use it, then unstage and stage it again", dev)}
 	default:
 	}
 	if dev == "" {
-		return []string{"the volume is no longer attached to an nbd device: unstage and stage it again"}
+		return []string{"the volume is no longer attached to a kernel device: unstage and stage it again"}
 	}
 	if index, err := nbd.ParseDevice(dev); err == nil {
 		if bs, err := nbd.Backends(); err == nil && bs[index] != v.rec.VolumeID {

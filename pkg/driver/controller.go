@@ -237,7 +237,11 @@ func (s *controllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			return nil, err
 		}
 	}
-	return &csi.CreateVolumeResponse{Volume: d.csiVolume(v)}, nil
+	out := d.csiVolume(v)
+	if p.attach != "" {
+		out.VolumeContext[ParamAttach] = p.attach
+	}
+	return &csi.CreateVolumeResponse{Volume: out}, nil
 }
 
 func (s *controllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {

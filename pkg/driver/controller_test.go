@@ -111,6 +111,10 @@ func TestParameters(t *testing.T) {
 		{map[string]string{ParamDiscard: "sometimes"}, codes.InvalidArgument, "online"},
 		{map[string]string{ParamMkfsOptions: "-O \x00"}, codes.InvalidArgument, "printable"},
 		{map[string]string{ParamFSType: "btrfs"}, codes.InvalidArgument, "ext4 or xfs"},
+		{map[string]string{ParamAttach: "iscsi"}, codes.InvalidArgument, "nbd or ublk"},
+		{map[string]string{ParamAttach: "auto"}, codes.InvalidArgument, "nbd or ublk"}, // auto is the node's
+		{map[string]string{ParamAttach: "ublk", ParamType: "simfs"}, codes.InvalidArgument, "ploop volumes only"},
+		{map[string]string{ParamAttach: "ublk"}, codes.OK, ""},
 		{map[string]string{"clustersize": "1M"}, codes.InvalidArgument, "unknown parameter"},
 		{map[string]string{"csi.storage.k8s.io/pv/name": "pv-1"}, codes.OK, ""},
 		{map[string]string{ParamClusterSize: "1MiB", ParamType: "ploop"}, codes.OK, ""},

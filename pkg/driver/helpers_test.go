@@ -82,7 +82,7 @@ func (f *fakeNode) Stage(ctx context.Context, req StageRequest) error {
 func sameStage(a, b StageRequest) bool {
 	return a.VolumeID == b.VolumeID && a.Type == b.Type && a.Path == b.Path && a.StagingPath == b.StagingPath &&
 		a.Block == b.Block && a.FSType == b.FSType && slices.Equal(a.MkfsOptions, b.MkfsOptions) &&
-		slices.Equal(a.MountOptions, b.MountOptions) && a.OnlineDiscard == b.OnlineDiscard
+		slices.Equal(a.MountOptions, b.MountOptions) && a.OnlineDiscard == b.OnlineDiscard && a.Transport == b.Transport
 }
 
 func (f *fakeNode) Unstage(ctx context.Context, id, path string) error {

@@ -82,6 +82,9 @@ type StageRequest struct {
 	MountOptions []string
 	// OnlineDiscard mounts with online discard (catalog.DiscardOnline).
 	OnlineDiscard bool
+	// Transport is what the volume asks to reach the kernel through
+	// (AttachNBD, AttachUblk), "" for the node's default (ploop).
+	Transport string
 }
 
 // PublishRequest asks Node.Publish to publish a staged volume.

@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -38,6 +39,25 @@ func TestNodeTranslation(t *testing.T) {
 		MkfsOptions: []string{"-E", "lazy_itable_init=0", "-m", "1"}, MountOptions: []string{"noatime"}, OnlineDiscard: true}
 	if got := e.node.staged[v.GetVolumeId()]; !sameStage(got, want) {
 		t.Errorf("stage request\n got %+v\nwant %+v", got, want)
+	}
+
+	// A StorageClass's transport reaches the node through the volume
+	// context; a context naming another is refused before the node runs.
+	u := e.create(t, "ublk", 4*mib, map[string]string{ParamAttach: AttachUblk})
+	if got := u.GetVolumeContext()[ParamAttach]; got != AttachUblk {
+		t.Errorf("volume context %v: no attach=ublk", u.GetVolumeContext())
+	}
+	bad := maps.Clone(u.GetVolumeContext())
+	bad[ParamAttach] = "iscsi"
+	_, err := e.nd.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: u.GetVolumeId(), StagingTargetPath: staging("u"),
+		VolumeCapability: mountCap(snw, ""), VolumeContext: bad})
+	wantCode(t, "stage with attach=iscsi", err, codes.InvalidArgument, "nbd or ublk")
+	if _, err := e.nd.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: u.GetVolumeId(), StagingTargetPath: staging("u"),
+		VolumeCapability: mountCap(snw, ""), VolumeContext: u.GetVolumeContext()}); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.node.staged[u.GetVolumeId()]; got.Transport != AttachUblk {
+		t.Errorf("staged with transport %q, want ublk", got.Transport)
 	}
 
 	// An xfs clone is mounted without the UUID check; Block has no

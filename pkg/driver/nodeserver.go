@@ -78,6 +78,12 @@ func (s *nodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolu
 		return nil, err
 	}
 	sr := StageRequest{VolumeID: v.ID, Type: v.Type, Path: path, StagingPath: req.GetStagingTargetPath(), Block: c.block}
+	if v.Type == catalog.Ploop {
+		sr.Transport = req.GetVolumeContext()[ParamAttach]
+		if err := checkAttach(sr.Transport); err != nil {
+			return nil, err
+		}
+	}
 	if v.Type == catalog.Ploop && !c.block {
 		sr.FSType = v.FSType
 		sr.MkfsOptions = strings.Fields(v.MkfsOptions)

@@ -29,6 +29,11 @@ const (
 	ParamMkfsOptions = "mkfsOptions"
 	ParamInodes      = "inodes"
 	ParamDiscard     = "discard"
+	// ParamAttach asks that a ploop volume reach the kernel through nbd
+	// or ublk on every node that stages it, whatever the node's default
+	// (--attach). It is a wish of the StorageClass, not a property of the
+	// data: it travels in the volume context, not in the catalogue.
+	ParamAttach = "attach"
 	// ParamFSType is the StorageClass's filesystem as the provisioner
 	// passes it when it does not turn it into the capability's fs_type.
 	ParamFSType = "csi.storage.k8s.io/fstype"
@@ -293,6 +298,7 @@ type volumeParams struct {
 	inodes      uint64
 	discard     string
 	fsType      string
+	attach      string
 }
 
 // parseParams checks the parameters a volume is created with (or a capacity
@@ -334,6 +340,11 @@ func parseParams(in map[string]string) (volumeParams, error) {
 				return p, bad(fmt.Sprintf("%s (the default: trimmed every --trim-interval) or %s", catalog.DiscardPeriodic, catalog.DiscardOnline))
 			}
 			p.discard = v
+		case ParamAttach:
+			if err := checkAttach(v); err != nil {
+				return p, err
+			}
+			p.attach = v
 		case ParamFSType:
 			if v != "" && v != catalog.FSExt4 && v != catalog.FSXfs {
 				return p, bad(fmt.Sprintf("%s or %s", catalog.FSExt4, catalog.FSXfs))
@@ -343,11 +354,29 @@ func parseParams(in map[string]string) (volumeParams, error) {
 			if strings.HasPrefix(k, reservedPrefix) {
 				continue
 			}
-			return p, fmt.Errorf("unknown parameter %q (known: %s, %s, %s, %s, %s): %w",
-				k, ParamType, ParamClusterSize, ParamMkfsOptions, ParamInodes, ParamDiscard, catalog.ErrInvalid)
+			return p, fmt.Errorf("unknown parameter %q (known: %s, %s, %s, %s, %s, %s): %w",
+				k, ParamType, ParamClusterSize, ParamMkfsOptions, ParamInodes, ParamDiscard, ParamAttach, catalog.ErrInvalid)
 		}
 	}
+	if p.attach != "" && p.typ != catalog.Ploop {
+		return p, fmt.Errorf("parameter %s applies to %s=%s volumes only: %w", ParamAttach, ParamType, catalog.Ploop, catalog.ErrInvalid)
+	}
 	return p, nil
+}
+
+// Attach transports a volume may ask for (ParamAttach).
+const (
+	AttachNBD  = "nbd"
+	AttachUblk = "ublk"
+)
+
+// checkAttach checks a requested transport, from the parameters or a
+// volume context; "" is the node's default.
+func checkAttach(v string) error {
+	if v != "" && v != AttachNBD && v != AttachUblk {
+		return fmt.Errorf("%s=%q: want %s or %s (or leave it out for the node's default): %w", ParamAttach, v, AttachNBD, AttachUblk, catalog.ErrInvalid)
+	}
+	return nil
 }
 
 // volumeContext is what the node needs to stage a volume, returned by

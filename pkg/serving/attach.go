@@ -105,22 +105,16 @@ func (v *Volume) Reattach(ctx context.Context, k *nbd.Kernel, opts AttachOptions
 }
 
 func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, re bool) error {
-	verb := "attach"
-	if re {
-		verb = "reattach"
-	}
+	verb := attachVerb(re)
 	no, err := opts.nbdOptions()
 	if err != nil {
 		return fmt.Errorf("%s %s: %w", verb, v.path, err)
 	}
-	done, err := v.begin(verb)
+	done, err := v.beginAttach(verb)
 	if err != nil {
 		return err
 	}
 	defer done()
-	if v.att != nil {
-		return fmt.Errorf("%s %s: already attached to %s", verb, v.path, v.att.Path())
-	}
 	srv, err := v.exportTo(opts.Server, no.Export, opts.OnIOError)
 	if err != nil {
 		return err
@@ -165,6 +159,27 @@ func (v *Volume) attach(ctx context.Context, k *nbd.Kernel, opts AttachOptions, 
 	}
 	klog.InfoS("serving: "+verb+"ed volume", "path", v.path, "device", att.Path(), "backend", opts.BackendID, "took", time.Since(start))
 	return nil
+}
+
+func attachVerb(re bool) string {
+	if re {
+		return "reattach"
+	}
+	return "attach"
+}
+
+// beginAttach takes busy for an attach of either kind, failing when the
+// volume already has a device.
+func (v *Volume) beginAttach(verb string) (func(), error) {
+	done, err := v.begin(verb)
+	if err != nil {
+		return nil, err
+	}
+	if v.att != nil {
+		done()
+		return nil, fmt.Errorf("%s %s: already attached to %s", verb, v.path, v.att.Path())
+	}
+	return done, nil
 }
 
 // resizeShortDevice grows the device to the volume's size when the kernel

@@ -18,4 +18,13 @@
 // interrupted online operation) and calls Reattach, which finds the device
 // by its backend identifier (/sys/block/nbdN/backend) and hands the kernel
 // fresh sockets with RECONFIGURE. The filesystem above sees no error.
+//
+// A volume may instead be attached through ublk (AttachUblk): a recoverable
+// /dev/ublkbN tagged with a hash of the backend identifier, which a
+// successor finds by that tag and takes over with ReattachUblk (user
+// recovery: the kernel holds, then reissues, the requests in flight). Both
+// kinds of device hide behind one interface, so online operations and
+// teardown do not care which a volume has; only a grow is refused on a
+// ublk device, which cannot change its size on kernels before
+// UBLK_F_UPDATE_SIZE.
 package serving

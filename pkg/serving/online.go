@@ -62,6 +62,10 @@ func (v *Volume) Grow(size int64) (st ploop.OnlineStats, err error) {
 		if v.att != nil && size%4096 != 0 {
 			return fmt.Errorf("grow %s to %d: an attached volume grows in whole 4096-byte blocks", v.path, size)
 		}
+		if _, ok := v.att.(ublkDevice); ok {
+			// Checked before the stack grows: the device could not follow.
+			return fmt.Errorf("grow %s: attached through %s: %w", v.path, v.att.Path(), ErrResizeUnsupported)
+		}
 		if st, err = v.stack.Grow(size); err != nil {
 			return err
 		}

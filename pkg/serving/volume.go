@@ -75,8 +75,8 @@ type Volume struct {
 	// Gone answer while a merge holds busy. They change only with both
 	// locks held, so a holder of busy may read them without mu.
 	mu     sync.Mutex
-	att    *nbd.Attachment
-	srv    *nbd.Server // serves att; shared with other volumes when sharedSrv
+	att    device
+	srv    *nbd.Server // serves an nbd att; shared with other volumes when sharedSrv
 	export string
 	// sharedSrv: the export is removed from srv when the device goes.
 	sharedSrv bool
@@ -222,12 +222,15 @@ func (v *Volume) exportTo(shared *nbd.Server, export string, onIOError func(erro
 }
 
 // Failed returns why the volume's export failed (a panic in its request
-// path, see nbd.Server.Failed), or nil: a failed volume answers every
+// path, see nbd.Server.Failed and ublk.Device.Err), or nil: a failed volume answers every
 // request with an I/O error until it is detached.
 func (v *Volume) Failed() error {
 	v.mu.Lock()
-	srv, export := v.srv, v.export
+	srv, export, att := v.srv, v.export, v.att
 	v.mu.Unlock()
+	if u, ok := att.(ublkDevice); ok {
+		return u.Err()
+	}
 	if srv == nil {
 		return nil
 	}
@@ -285,7 +288,7 @@ func (v *Volume) Flush() error {
 // before. Close is idempotent; it reports every failure but always
 // releases what it can.
 func (v *Volume) Close(ctx context.Context) error {
-	return v.teardown(func(att *nbd.Attachment) error {
+	return v.teardown(func(att device) error {
 		if err := att.Disconnect(ctx); err != nil {
 			return fmt.Errorf("detach %s: %w", v.path, err)
 		}
@@ -298,14 +301,14 @@ func (v *Volume) Close(ctx context.Context) error {
 // successor calls Reattach. The image is flushed and closed cleanly, so the
 // successor needs no repair. Release is idempotent, and a no-op after Close.
 func (v *Volume) Release() error {
-	return v.teardown(func(att *nbd.Attachment) error {
+	return v.teardown(func(att device) error {
 		att.Release()
 		return nil
 	})
 }
 
 // teardown closes the volume, letting go of its device with detach.
-func (v *Volume) teardown(detach func(*nbd.Attachment) error) error {
+func (v *Volume) teardown(detach func(device) error) error {
 	v.mu.Lock()
 	if v.closed {
 		v.mu.Unlock()

@@ -29,10 +29,11 @@ type Control struct {
 func OpenControl() (*Control, error) {
 	f, err := os.OpenFile(ControlPath, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
+		// err names the path.
 		if errors.Is(err, os.ErrNotExist) {
-			return nil, fmt.Errorf("open %s: %w (is the ublk_drv module loaded? it needs Linux 6.0 or later)", ControlPath, err)
+			return nil, fmt.Errorf("%w (is the ublk_drv module loaded? it needs Linux 6.0 or later)", err)
 		}
-		return nil, fmt.Errorf("open %s: %w", ControlPath, err)
+		return nil, err
 	}
 	r, err := uring.NewRaw(4, uring.SetupSQE128)
 	if err != nil {

@@ -78,6 +78,7 @@ type Device struct {
 	queues  []*queue
 	wg      sync.WaitGroup
 	inline  bool
+	gone    chan struct{} // closed when every queue has ended
 
 	mu     sync.Mutex
 	err    error // the first failure of a queue or a request
@@ -129,7 +130,7 @@ func Create(ctrl *Control, backend Backend, opts Options) (*Device, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Device{ctrl: ctrl, backend: backend, info: info, maxIO: int(info.MaxIOBytes), sectors: uint64(size) >> 9, inline: opts.Inline}
+	d := newDevice(ctrl, backend, info, uint64(size)>>9, opts)
 	ok := false
 	defer func() {
 		if !ok { // never started: the device is this call's alone
@@ -182,7 +183,7 @@ func Recover(ctx context.Context, ctrl *Control, id uint32, backend Backend, opt
 	if info.Flags&FlagUserRecovery == 0 {
 		return nil, fmt.Errorf("ublk recover device %d: it was not created recoverable", id)
 	}
-	d := &Device{ctrl: ctrl, backend: backend, info: info, maxIO: int(info.MaxIOBytes), sectors: uint64(backend.Size()) >> 9, inline: opts.Inline}
+	d := newDevice(ctrl, backend, info, uint64(backend.Size())>>9, opts)
 	for {
 		_, err = ctrl.command(cmdStartUserRecover, ctrlCmd{devID: id, queueID: ^uint16(0)}, nil)
 		if !errors.Is(err, unix.EBUSY) {
@@ -210,6 +211,10 @@ func Recover(ctx context.Context, ctrl *Control, id uint32, backend Backend, opt
 		return nil, fmt.Errorf("ublk recover device %d: end recovery: %w", id, err)
 	}
 	return d, nil
+}
+
+func newDevice(ctrl *Control, backend Backend, info DevInfo, sectors uint64, opts Options) *Device {
+	return &Device{ctrl: ctrl, backend: backend, info: info, maxIO: int(info.MaxIOBytes), sectors: sectors, inline: opts.Inline, gone: make(chan struct{})}
 }
 
 func (d *Device) state() int {
@@ -245,6 +250,10 @@ func (d *Device) serve() error {
 			}
 		}()
 	}
+	go func() {
+		d.wg.Wait()
+		close(d.gone)
+	}()
 	for range d.queues {
 		if err := <-fetched; err != nil {
 			return err
@@ -294,6 +303,26 @@ func (d *Device) fail(err error) {
 	if d.err == nil {
 		d.err = err
 	}
+}
+
+// Gone is closed once the device's queues have all ended: after Close or
+// Release, or when someone else stopped the device (an administrator's
+// `ublk del`), whose I/O then fails.
+func (d *Device) Gone() <-chan struct{} { return d.gone }
+
+// Release stops serving but leaves the device: a recoverable device is
+// quiesced by the kernel, its requests held, until a successor takes it
+// over with Recover (a planned restart); any other device fails its I/O
+// until it is deleted. Release is idempotent, and a no-op after Close.
+func (d *Device) Release() {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return
+	}
+	d.closed = true
+	d.mu.Unlock()
+	d.stopServing()
 }
 
 // Close removes the block device, after the kernel has finished the

@@ -69,6 +69,15 @@ func Sets() []Set {
 	}
 }
 
+// UblkSet is the ploop-ext4 set with its volumes attached through ublk
+// (the StorageClass parameter attach), for a kernel that has ublk.
+func UblkSet() Set {
+	s := Sets()[0]
+	s.Name = "ploop-ext4-ublk"
+	s.Params = map[string]string{"type": "ploop", "csi.storage.k8s.io/fstype": "ext4", "attach": "ublk"}
+	return s
+}
+
 // ExpectedSkips are the reasons csi-sanity gives for skipping a spec that
 // the driver may see, each for a capability it does not claim, with why.
 func ExpectedSkips() map[string]string {

@@ -38,6 +38,17 @@ func TestKernel(t *testing.T) {
 	vmtest.Run(t, vmtest.Options{Timeout: 50 * time.Minute, Prepare: csidriver.Build}, cases)
 }
 
+// TestKernelUblk runs csi-sanity's ploop-ext4 set with its volumes
+// attached through ublk (the StorageClass parameter), on the 6.12 kernel.
+func TestKernelUblk(t *testing.T) {
+	if InChild() {
+		t.Skip("running as csi-sanity's child")
+	}
+	set := UblkSet()
+	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 30 * time.Minute, Prepare: csidriver.Build},
+		[]vmtest.Case{{Name: "Sanity_" + set.Name, Run: func(t *testing.T) { testSanity(t, set) }}})
+}
+
 // driverProc is a running ploop-csi (test/e2e/csidriver) as this file
 // uses it.
 type driverProc struct {
@@ -144,6 +155,9 @@ func testSanity(t *testing.T, set Set) {
 	r.Check(t)
 	d.stop(t)
 	d.checkLog(t)
+	if a := set.Params["attach"]; a == "ublk" && !strings.Contains(d.Log(), "attached volume through ublk") {
+		t.Errorf("the set asks for ublk, and the driver attached nothing through it")
+	}
 
 	// Records, images and directories of both types, and the node's
 	// records of what it has staged.
@@ -163,6 +177,9 @@ func testSanity(t *testing.T, set Set) {
 	pids, _ := filepath.Glob("/sys/block/nbd*/pid")
 	if len(pids) != 0 {
 		t.Errorf("nbd devices still connected: %v", pids)
+	}
+	if ublks, _ := filepath.Glob("/sys/block/ublkb*"); len(ublks) != 0 {
+		t.Errorf("ublk devices left: %v", ublks)
 	}
 }
 

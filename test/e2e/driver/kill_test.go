@@ -1,9 +1,11 @@
 package drivere2e
 
 import (
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -60,6 +62,9 @@ func testKillUnderWriter(t *testing.T) {
 
 	if _, c := e.stats(v); c.Abnormal {
 		t.Fatalf("after the kills the volume is abnormal: %s", c.Message)
+	}
+	if os.Getenv(attachEnv) == "ublk" && !strings.Contains(e.d.Log(), "reattached volume through ublk") {
+		t.Fatalf("the driver was to attach through ublk, and its last successor did not take a ublk device over:\n%s", e.d.Log())
 	}
 	e.down(v)
 	wantClean(t, e.stackDir(v))

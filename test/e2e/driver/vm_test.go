@@ -39,6 +39,27 @@ func TestKernel(t *testing.T) {
 	})
 }
 
+// attachEnv carries the driver's --attach from TestKernelUblk to its
+// cases.
+const attachEnv = "PLOOP_CSI_TEST_ATTACH"
+
+// TestKernelUblk runs the data-path cases again with the driver attaching
+// through ublk (--attach=ublk), on the 6.12 kernel: kills under a writer
+// (each successor takes the same /dev/ublkbN over with user recovery) and
+// snapshots while writing.
+func TestKernelUblk(t *testing.T) {
+	overUblk := func(run func(*testing.T)) func(*testing.T) {
+		return func(t *testing.T) {
+			t.Setenv(attachEnv, "ublk")
+			run(t)
+		}
+	}
+	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 20 * time.Minute, MemoryMiB: 3072, Prepare: csidriver.Build}, []vmtest.Case{
+		{Name: "KillUnderWriter", Run: overUblk(testKillUnderWriter)},
+		{Name: "SnapshotWhileWriting", Run: overUblk(func(t *testing.T) { testSnapshotWhileWriting(t, false) })},
+	})
+}
+
 const mib = int64(1) << 20
 
 // env is one storage root on its own scratch filesystem, a kubelet
@@ -68,6 +89,9 @@ func newEnv(t *testing.T, rootMiB int, args ...string) *env {
 		t.Fatal(err)
 	}
 	e.work = t.TempDir()
+	if a := os.Getenv(attachEnv); a != "" {
+		args = append(args, "--attach", a)
+	}
 	e.cfg = csidriver.Config{Root: e.root, Socket: filepath.Join(e.work, "csi.sock"),
 		Args: append([]string{"--kubelet-dir", e.work}, args...)}
 	e.d = csidriver.Start(t, e.ctx, e.cfg)
