@@ -72,6 +72,7 @@ func TestKernelUblk(t *testing.T) {
 		{Name: "KillUnderWriter", Run: overUblk(testKillUnderWriter)},
 		{Name: "Parallel", Run: overUblk(testParallel)},
 		{Name: "PerVolumeTransport", Run: testPerVolumeTransport},
+		{Name: "StoppedElsewhere", Run: overUblk(testUblkStoppedElsewhere)},
 	})
 }
 
@@ -974,6 +975,80 @@ func testPerVolumeTransport(t *testing.T) {
 	if _, err := os.Stat(devU); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("%s left after unstage: %v", devU, err)
 	}
+}
+
+// testUblkStoppedElsewhere: someone else stops a volume's ublk device (an
+// administrator's `ublk del` starts so): the volume's condition says so.
+// The next node plugin finds a stopped device, nothing to take over: it
+// deletes it and stages the Block volume again on a fresh device, with the
+// data written before.
+func testUblkStoppedElsewhere(t *testing.T) {
+	e := newVMEnv(t, 512)
+	m := e.manager(t, nil)
+	ctx := tctx(t, 5*time.Minute)
+	req := StageRequest{VolumeID: "ploop-stopped", Kind: Ploop, Path: e.stack(t, "ploop-stopped", 64<<20), StagingPath: filepath.Join(e.kubelet, "staging", "stopped"), Block: true}
+	if err := m.Stage(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	data := pattern(7, 1<<20)
+	rw := func(dev string, write bool) {
+		t.Helper()
+		f, err := os.OpenFile(dev, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if write {
+			if _, err := f.WriteAt(data, 1<<20); err != nil {
+				t.Fatal(err)
+			}
+			if err := f.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		got := make([]byte, len(data))
+		if _, err := f.ReadAt(got, 1<<20); err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("read back through %s: %v", dev, err)
+		}
+	}
+	rw(m.get(req.VolumeID).served.Device(), true)
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ctrl.Close()
+	old, ok, err := serving.FindUblk(ctrl, req.VolumeID)
+	if err != nil || !ok {
+		t.Fatalf("find the device: %v, %v", ok, err)
+	}
+	if err := ctrl.Stop(old.ID); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-m.get(req.VolumeID).served.Gone():
+	case <-ctx.Done():
+		t.Fatal("the served volume did not notice its device was stopped")
+	}
+	wantAbnormal(t, mustStats(t, m, req.VolumeID, req.StagingPath), "disconnected by someone else")
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	m = e.manager(t, nil)
+	v := m.get(req.VolumeID)
+	if v == nil || v.served == nil {
+		t.Fatalf("not staged again after the restart: %+v", v)
+	}
+	rw(v.served.Device(), false)
+	wantHealthy(t, mustStats(t, m, req.VolumeID, req.StagingPath))
+	if now, ok, err := serving.FindUblk(ctrl, req.VolumeID); err != nil || !ok || now.State != ublk.StateLive {
+		t.Fatalf("the volume's device after the restart: %+v, %v, %v", now, ok, err)
+	}
+	if err := m.Unstage(ctx, req.VolumeID, req.StagingPath); err != nil {
+		t.Fatal(err)
+	}
+	e.wantNoDevice(t, req.VolumeID)
+	wantClean(t, req.Path)
 }
 
 // testTrim: freed filesystem blocks return to the storage root — by an

@@ -394,7 +394,7 @@ func (m *Manager) detach(ctx context.Context, v *volume) error {
 		return nil
 	}
 	if v.rec.Transport == TransportUblk {
-		return m.removeUblk(v.rec.VolumeID)
+		return m.removeUblk(ctx, v.rec.VolumeID)
 	}
 	index, err := nbd.FindBackend(v.rec.VolumeID)
 	if errors.Is(err, os.ErrNotExist) {

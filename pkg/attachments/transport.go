@@ -108,9 +108,21 @@ func (m *Manager) serveUblk(ctx context.Context, v *serving.Volume, id string) e
 		return err
 	}
 	opts := m.ublkOptions(id)
-	if _, found, ferr := serving.FindUblk(ctrl, id); ferr != nil {
-		return ferr
-	} else if !found {
+	info, found, err := serving.FindUblk(ctrl, id)
+	if err != nil {
+		return err
+	}
+	if found && info.State == ublk.StateDead {
+		// Stopped (by someone else, or by an unstage killed before its
+		// delete) or never started (a crash between add and start):
+		// nothing to recover, and in the way of a new device.
+		m.log.Info("delete a ublk device that was left stopped", "volume", id, "device", ublkDevicePath(info.ID))
+		if err := deleteUblk(ctx, ctrl, info.ID); err != nil {
+			return err
+		}
+		found = false
+	}
+	if !found {
 		return v.AttachUblk(ctx, opts)
 	}
 	rctx, cancel := context.WithTimeout(ctx, m.opts.RecoveryTimeout)
@@ -126,6 +138,20 @@ func (m *Manager) serveUblk(ctx context.Context, v *serving.Volume, id string) e
 	return err
 }
 
+// deleteUblk deletes a stopped device, giving up when ctx ends: the kernel
+// waits until nothing holds the device (a filesystem still mounted on
+// it), and then the delete finishes on its own, later.
+func deleteUblk(ctx context.Context, ctrl *ublk.Control, id uint32) error {
+	done := make(chan error, 1)
+	go func() { done <- ctrl.Delete(id) }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return fmt.Errorf("%s is still held (a filesystem mounted on it?): unmount it; it is deleted once let go: %w", ublkDevicePath(id), ErrUnavailable)
+	}
+}
+
 // findDevice returns the kernel device that carries volume id over
 // transport t, "" when there is none.
 func (m *Manager) findDevice(id string, t Transport, nbdBackends map[string]string) (string, error) {
@@ -138,6 +164,12 @@ func (m *Manager) findDevice(id string, t Transport, nbdBackends map[string]stri
 	info, found, err := serving.FindUblk(m.ublk, id)
 	if err != nil || !found {
 		return "", err
+	}
+	if info.State == ublk.StateDead {
+		// Stopped or never started: no device to take over. Recovery
+		// treats the volume as detached (restaged, or reported when its
+		// filesystem is still mounted); a later stage deletes it.
+		return "", nil
 	}
 	return ublkDevicePath(info.ID), nil
 }
@@ -158,7 +190,7 @@ func parseUblkDevice(dev string) error {
 // does not serve (its server died, or recovery failed): its held I/O
 // fails. Its filesystem must be unmounted first: the kernel deletes a
 // device only once nothing holds it.
-func (m *Manager) removeUblk(id string) error {
+func (m *Manager) removeUblk(ctx context.Context, id string) error {
 	if m.ublk == nil {
 		return nil
 	}
@@ -170,7 +202,7 @@ func (m *Manager) removeUblk(id string) error {
 	if err := m.ublk.Stop(info.ID); err != nil && !errors.Is(err, os.ErrNotExist) {
 		m.log.Error(err, "stop ublk device before deleting it", "volume", id)
 	}
-	return m.ublk.Delete(info.ID)
+	return deleteUblk(ctx, m.ublk, info.ID)
 }
 
 // ublkMax is how many ublk devices the kernel allows (ublk_drv's

@@ -62,6 +62,11 @@ func (c *Control) command(op uint32, cmd ctrlCmd, buf []byte) (int32, error) {
 	if c.ring == nil {
 		return 0, errors.New("ublk control: closed")
 	}
+	return c.issue(c.ring, op, cmd, buf)
+}
+
+// issue runs one command on ring, which the caller owns.
+func (c *Control) issue(ring *uring.Raw, op uint32, cmd ctrlCmd, buf []byte) (int32, error) {
 	var pin runtime.Pinner
 	defer pin.Unpin()
 	if len(buf) > 0 {
@@ -70,7 +75,7 @@ func (c *Control) command(op uint32, cmd ctrlCmd, buf []byte) (int32, error) {
 		cmd.len = uint16(len(buf))
 	}
 	payload := cmd.encode()
-	if err := c.ring.Push(func(sqe []byte) {
+	if err := ring.Push(func(sqe []byte) {
 		code := iowr(op, ctrlCmdSize)
 		if op == cmdGetFeatures || op == cmdGetDevInfo {
 			code = ior(op, ctrlCmdSize)
@@ -79,12 +84,12 @@ func (c *Control) command(op uint32, cmd ctrlCmd, buf []byte) (int32, error) {
 	}); err != nil {
 		return 0, err
 	}
-	if err := c.ring.Enter(1); err != nil {
+	if err := ring.Enter(1); err != nil {
 		return 0, err
 	}
 	var res int32
 	got := false
-	c.ring.Reap(func(_ uint64, r int32) { res, got = r, true })
+	ring.Reap(func(_ uint64, r int32) { res, got = r, true })
 	if !got {
 		return 0, errors.New("ublk control: no completion")
 	}
@@ -152,8 +157,23 @@ func (c *Control) Stop(id uint32) error {
 // mapped, and no user of its block device (an open file, a mount), so
 // stop it and let go of it first; a device whose server died is stopped
 // the same way (its held requests fail).
+//
+// The wait happens on a ring of the call's own, not under the Control's
+// lock: a device someone still holds must not stop the commands of every
+// other device of the process.
 func (c *Control) Delete(id uint32) error {
-	if _, err := c.command(cmdDelDev, ctrlCmd{devID: id, queueID: ^uint16(0)}, nil); err != nil {
+	ring, err := uring.NewRaw(2, uring.SetupSQE128)
+	if err != nil {
+		return fmt.Errorf("ublk delete device %d: %w", id, err)
+	}
+	defer ring.Close()
+	c.mu.Lock()
+	closed := c.ring == nil
+	c.mu.Unlock()
+	if closed {
+		return fmt.Errorf("ublk delete device %d: control closed", id)
+	}
+	if _, err := c.issue(ring, cmdDelDev, ctrlCmd{devID: id, queueID: ^uint16(0)}, nil); err != nil {
 		return fmt.Errorf("ublk delete device %d: %w", id, err)
 	}
 	return nil

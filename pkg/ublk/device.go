@@ -19,6 +19,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -79,6 +80,10 @@ type Device struct {
 	wg      sync.WaitGroup
 	inline  bool
 	gone    chan struct{} // closed when every queue has ended
+
+	// failed is set by a backend's panic: from then on every request
+	// fails, since the backend's state may be half changed.
+	failed atomic.Bool
 
 	mu     sync.Mutex
 	err    error // the first failure of a queue or a request

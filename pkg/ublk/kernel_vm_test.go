@@ -52,6 +52,8 @@ func TestKernel(t *testing.T) {
 		{Name: "RecoverAfterKill", Run: testRecoverAfterKill},
 		{Name: "RemoveDeadServer", Run: testRemoveDeadServer},
 		{Name: "RecoverPloopExt4", Run: testRecoverPloopExt4},
+		{Name: "PanicIsolation", Run: testPanicIsolation},
+		{Name: "DeleteWaitsAlone", Run: testDeleteWaitsAlone},
 	})
 }
 
@@ -128,6 +130,118 @@ func testControl(t *testing.T) {
 	closeGone(t, c, d)
 	if err := d.Close(); err != nil {
 		t.Errorf("second Close: %v", err)
+	}
+}
+
+// panicky panics on a read of its second MiB.
+type panicky struct{ ublk.Backend }
+
+func (p panicky) ReadAt(b []byte, off int64) (int, error) {
+	if off >= 1<<20 && off < 2<<20 {
+		panic("injected")
+	}
+	return p.Backend.ReadAt(b, off)
+}
+
+// testPanicIsolation: a backend's panic fails its own device (that request
+// and every later one: the backend's state may be half changed) and is
+// recorded in Err; another device of the same process keeps serving, and
+// both close cleanly.
+func testPanicIsolation(t *testing.T) {
+	c := openControl(t)
+	bad := create(t, c, panicky{rawFile(t, 4<<20)}, ublk.Options{Queues: 1, Depth: 4})
+	good := create(t, c, rawFile(t, 4<<20), ublk.Options{Queues: 1, Depth: 4})
+	buf := alignedBuf(t, 4096)
+	rw := func(d *ublk.Device, write bool, off int64) error {
+		f, err := os.OpenFile(d.Path(), os.O_RDWR|unix.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		if write {
+			_, err = f.WriteAt(buf, off)
+		} else {
+			_, err = f.ReadAt(buf, off)
+		}
+		return err
+	}
+	if err := rw(bad, false, 0); err != nil {
+		t.Fatalf("read before the panic: %v", err)
+	}
+	if err := rw(bad, false, 1<<20); !errors.Is(err, unix.EIO) {
+		t.Fatalf("read that panics: %v, want EIO", err)
+	}
+	if err := rw(bad, true, 0); !errors.Is(err, unix.EIO) {
+		t.Fatalf("write after the panic: %v, want EIO", err)
+	}
+	if err := bad.Err(); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("Err after the panic: %v", err)
+	}
+	for i := range 3 {
+		if err := rw(good, i%2 == 0, int64(i)<<20); err != nil {
+			t.Fatalf("the other device, request %d: %v", i, err)
+		}
+	}
+	if good.Err() != nil {
+		t.Fatalf("the other device's Err: %v", good.Err())
+	}
+	if err := bad.Close(); err != nil {
+		t.Fatalf("Close of the failed device: %v", err)
+	}
+	if _, err := c.Info(bad.ID()); !errors.Is(err, unix.ENODEV) {
+		t.Fatalf("the failed device after Close: %v, want ENODEV", err)
+	}
+	closeGone(t, c, good)
+}
+
+// testDeleteWaitsAlone: a device whose block device someone still holds
+// open is not deleted until it is let go, and meanwhile the same Control
+// creates, serves and deletes other devices: one held volume must not
+// stall every other volume's stage and unstage.
+func testDeleteWaitsAlone(t *testing.T) {
+	c := openControl(t)
+	held := create(t, c, rawFile(t, 4<<20), ublk.Options{Queues: 1, Depth: 4})
+	f, err := os.Open(held.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- held.Close() }()
+	// STOP_DEV done: Close has gone on to let go of the queues and wait
+	// in DEL_DEV.
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		info, err := c.Info(held.ID())
+		if err == nil && info.State == ublk.StateDead {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the held device did not stop: %+v, %v", info, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for i := range 2 {
+		other := create(t, c, rawFile(t, 4<<20), ublk.Options{Queues: 1, Depth: 4})
+		testcmd.Combined(t, "dd", "if=/dev/zero", "of="+other.Path(), "bs=64k", "count=16", "oflag=direct")
+		closeGone(t, c, other)
+		t.Logf("device %d created, written and deleted while /dev/ublkb%d is held", i+1, held.ID())
+	}
+	select {
+	case err := <-closed:
+		t.Fatalf("Close of a device held open returned at once: %v", err)
+	default:
+	}
+	f.Close()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Close did not return within a minute of the device being let go")
+	}
+	if _, err := c.Info(held.ID()); !errors.Is(err, unix.ENODEV) {
+		t.Fatalf("Info after the delete: %v, want ENODEV", err)
 	}
 }
 

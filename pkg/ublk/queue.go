@@ -181,12 +181,16 @@ func (q *queue) serve(tag uint16) {
 
 func (q *queue) do(tag uint16) (res int32) {
 	defer func() {
-		// A backend's panic fails this request, not the process.
+		// A backend's panic fails this device, not the process.
 		if p := recover(); p != nil {
+			q.dev.failed.Store(true)
 			q.dev.fail(fmt.Errorf("panic serving a request: %v", p))
 			res = -int32(syscall.EIO)
 		}
 	}()
+	if q.dev.failed.Load() {
+		return -int32(syscall.EIO)
+	}
 	d, err := decodeIODesc(q.descs[int(tag)*ioDescSize:], q.dev.sectors, q.dev.maxIO)
 	if err != nil {
 		q.dev.fail(err)

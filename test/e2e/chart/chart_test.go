@@ -73,6 +73,8 @@ func TestRendered(t *testing.T) {
 				r.kubeletDir("/var/lib/k0s/kubelet")
 			case "snapshot-controller":
 				r.snapshotController()
+			case "ublk":
+				r.ublkLoaded()
 			case "classes":
 				r.classes(true, false, false, false, true)
 			case "e2e":
@@ -88,6 +90,24 @@ type rendered struct {
 	t     *testing.T
 	objs  []*unstructured.Unstructured
 	combo string
+}
+
+// attach is the node's transport in the combination.
+func (r rendered) attach() string {
+	if r.combo == "ublk" {
+		return "ublk"
+	}
+	return "nbd"
+}
+
+// ublkLoaded: with ublk the node's init container loads ublk_drv too
+// (before nbd, which stays required for volumes that ask for it).
+func (r rendered) ublkLoaded() {
+	load := container(r.t, r.node().Spec.Template.Spec, "load-nbd")
+	script := strings.Join(load.Command, " ")
+	if !strings.Contains(script, "modprobe ublk_drv") || !strings.Contains(script, "modprobe nbd") {
+		r.t.Errorf("the init container does not load ublk_drv and nbd: %q", script)
+	}
 }
 
 // sidecars reports whether the combination runs the registrar and the
@@ -222,7 +242,7 @@ func (r rendered) common() {
 		}
 	}
 	r.wantArgs(nd, "--mode=node", "--nodeid=$(NODE_NAME)", "--endpoint=unix:///csi/csi.sock", "--drivername=csi.ploop.io",
-		"--overcommit-ratio=1", "--trim-interval=1h", "--v=2", "--health-address=:9810")
+		"--overcommit-ratio=1", "--trim-interval=1h", "--v=2", "--health-address=:9810", "--attach="+r.attach())
 	for _, m := range []struct {
 		name, path string
 		readOnly   bool
@@ -504,6 +524,7 @@ func TestSchemaRejects(t *testing.T) {
 		{"string for boolean", []string{"--set-string", "metrics.enabled=true"}, "enabled"},
 		{"string for number", []string{"--set-string", "overcommitRatio=2"}, "overcommitRatio"},
 		{"bad mode", []string{"--set", "storage.mode=nfs"}, "mode"},
+		{"bad attach", []string{"--set", "node.attach=iscsi"}, "attach"},
 		{"latest tag", []string{"--set", "image.resizer.tag=latest"}, "tag"},
 		{"empty sidecar tag", []string{"--set", "image.resizer.tag="}, "tag"},
 		{"bad digest", []string{"--set", "image.driver.digest=sha256:1234"}, "digest"},

@@ -44,6 +44,7 @@ var combos = []combo{
 	{name: "metrics", set: []string{"metrics.enabled=true", "metrics.serviceMonitor.enabled=true"}},
 	{name: "k0s", set: []string{"kubeletDir=/var/lib/k0s/kubelet"}},
 	{name: "snapshot-controller", set: []string{"snapshotController.install=true"}},
+	{name: "ublk", set: []string{"node.attach=ublk"}},
 	{name: "classes", set: []string{"storageClasses.ploopExt4.default=true", "storageClasses.ploopXfs.enabled=false",
 		"storageClasses.simfs.enabled=false", "volumeSnapshotClass.enabled=false"}},
 	// The end-to-end cluster's: no registrar or livenessprobe image, pods
