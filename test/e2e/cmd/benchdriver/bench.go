@@ -13,6 +13,8 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 
+	"github.com/ploop-csi/ploop-csi/pkg/serving"
+	"github.com/ploop-csi/ploop-csi/pkg/ublk"
 	"github.com/ploop-csi/ploop-csi/test/e2e/driverproc"
 )
 
@@ -264,9 +266,15 @@ var blockCap = &csi.VolumeCapability{
 	AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 }
 
-func (b *bench) createVolume(ctx context.Context, name string, size int64) (*volume, error) {
+// createVolume creates a ploop Block volume; attach, when set, is the
+// StorageClass's transport (nbd, ublk).
+func (b *bench) createVolume(ctx context.Context, name string, size int64, attach string) (*volume, error) {
+	params := map[string]string{"type": "ploop"}
+	if attach != "" {
+		params["attach"] = attach
+	}
 	resp, err := b.driver.Controller.CreateVolume(ctx, &csi.CreateVolumeRequest{
-		Name: name, Parameters: map[string]string{"type": "ploop"},
+		Name: name, Parameters: params,
 		CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
 		VolumeCapabilities: []*csi.VolumeCapability{blockCap},
 	})
@@ -291,7 +299,7 @@ func (b *bench) stage(ctx context.Context, v *volume, publish bool) error {
 		return fmt.Errorf("NodeStageVolume %s: %w", v.name, err)
 	}
 	v.staging = staging
-	dev, err := nbdDeviceOf(v.id)
+	dev, err := deviceOf(v.id)
 	if err != nil {
 		return err
 	}
@@ -340,9 +348,10 @@ func (b *bench) deleteVolume(ctx context.Context, v *volume) error {
 	return nil
 }
 
-// nbdDeviceOf finds the nbd device that serves volume id: the driver
-// names the volume in the device's backend attribute.
-func nbdDeviceOf(id string) (string, error) {
+// deviceOf finds the kernel device that serves volume id: the nbd device
+// whose backend attribute names the volume, or the ublk device that
+// carries its tag.
+func deviceOf(id string) (string, error) {
 	backends, err := filepath.Glob("/sys/block/nbd*/backend")
 	if err != nil {
 		return "", err
@@ -352,5 +361,11 @@ func nbdDeviceOf(id string) (string, error) {
 			return "/dev/" + filepath.Base(filepath.Dir(p)), nil
 		}
 	}
-	return "", fmt.Errorf("no nbd device serves %s", id)
+	if ctrl, err := ublk.OpenControl(); err == nil {
+		defer ctrl.Close()
+		if info, ok, err := serving.FindUblk(ctrl, id); err == nil && ok {
+			return fmt.Sprintf("/dev/ublkb%d", info.ID), nil
+		}
+	}
+	return "", fmt.Errorf("no nbd or ublk device serves %s", id)
 }

@@ -181,7 +181,7 @@ type fioDevice struct {
 func (b *bench) benchFio(ctx context.Context) (string, error) {
 	size := b.cfg.fioMiB << 20
 	mark := len(b.cleanup)
-	vol, err := b.createVolume(ctx, "bench-fio", size)
+	vol, err := b.createVolume(ctx, "bench-fio", size, "nbd")
 	if err != nil {
 		return "", err
 	}
@@ -205,14 +205,23 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 	// served through it.
 	ratios := [][2]string{{"ploop", "qemu-nbd"}, {"ploop", "loop"}}
 	if _, err := os.Stat(ublk.ControlPath); err == nil {
-		for _, inline := range []bool{false, true} {
-			u, err := b.ublkDevice(size, inline)
-			if err != nil {
-				return "", err
-			}
-			devs = append(devs, u)
+		// The driver's own ublk path (a volume whose class asks for
+		// it), and its upper bound: the same image served inline by
+		// this process.
+		uv, err := b.createVolume(ctx, "bench-fio-ublk", size, "ublk")
+		if err != nil {
+			return "", err
 		}
-		ratios = append(ratios, [2]string{"ublk", "loop"}, [2]string{"ublk-inl", "loop"}, [2]string{"ublk-inl", "ploop"})
+		if err := b.stage(ctx, uv, true); err != nil {
+			return "", err
+		}
+		devs = append(devs, fioDevice{"ploop-ublk", uv.target, fmt.Sprintf("ploop-csi Block volume attached through ublk (StorageClass attach: ublk), %s", uv.dev), b.driver.Pid()})
+		u, err := b.ublkDevice(size, true)
+		if err != nil {
+			return "", err
+		}
+		devs = append(devs, u)
+		ratios = append(ratios, [2]string{"ploop-ublk", "loop"}, [2]string{"ploop-ublk", "ploop"}, [2]string{"ublk-inl", "loop"})
 	}
 	var jobs []fioJob
 	for _, j := range fioJobs {

@@ -81,7 +81,7 @@ func (b *bench) benchRSS(ctx context.Context) (string, error) {
 	size := b.cfg.rssGiB << 30
 	vols := make([]*volume, n)
 	for i := range vols {
-		if vols[i], err = b.createVolume(ctx, fmt.Sprintf("bench-rss-%02d", i+1), size); err != nil {
+		if vols[i], err = b.createVolume(ctx, fmt.Sprintf("bench-rss-%02d", i+1), size, ""); err != nil {
 			return "", err
 		}
 	}

@@ -31,7 +31,7 @@ type snapVolume struct {
 func (b *bench) benchSnapshot(ctx context.Context) (string, error) {
 	var vols []*snapVolume
 	for _, mib := range b.cfg.snapMiB {
-		v, err := b.createVolume(ctx, fmt.Sprintf("bench-snap-%dm", mib), mib<<20)
+		v, err := b.createVolume(ctx, fmt.Sprintf("bench-snap-%dm", mib), mib<<20, "")
 		if err != nil {
 			return "", err
 		}
