@@ -47,6 +47,19 @@ func TestPowerLoss(t *testing.T) {
 	})
 }
 
+// TestPowerLossUblk replays power losses of an image served through ublk
+// (the driver's second attach path), on the 6.12 kernel: the ublk server
+// must pass flushes and FUA writes on as the NBD server does. The stack
+// scenario grows its device online, which ublk cannot on 6.12.
+func TestPowerLossUblk(t *testing.T) {
+	vmtest.Run(t, vmtest.Options{Kernel: vmtest.Kernel612, Timeout: 35 * time.Minute}, []vmtest.Case{
+		{Name: "Image", Run: func(t *testing.T) {
+			t.Setenv(transportEnv, "ublk")
+			testImage(t)
+		}},
+	})
+}
+
 // scale is how much each scenario does: flushes between two stack
 // operations (or in all, for the image) and replay points between marks.
 type scale struct {

@@ -16,6 +16,7 @@ import (
 
 	"github.com/ploop-csi/ploop-csi/pkg/nbd"
 	"github.com/ploop-csi/ploop-csi/pkg/ploop"
+	"github.com/ploop-csi/ploop-csi/pkg/ublk"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,14 +36,22 @@ func (c *countingDisk) Flush() error {
 // opened with O_DIRECT so that every write reaches the server at once and
 // fsync sends an NBD flush.
 type served struct {
-	att  *nbd.Attachment
+	att  *nbd.Attachment // over nbd
+	ublk *ublk.Device    // over ublk
 	disk *countingDisk
 	dev  *os.File
 }
 
-// serve attaches d to a kernel nbd device through pkg/nbd.
+// transportEnv makes serve attach through ublk (TestPowerLossUblk).
+const transportEnv = "PLOOP_CSI_TEST_TRANSPORT"
+
+// serve attaches d to a kernel nbd device through pkg/nbd, or to a ublk
+// device through pkg/ublk when the case runs over ublk.
 func serve(t *testing.T, d ploop.Disk, id string) *served {
 	t.Helper()
+	if os.Getenv(transportEnv) == "ublk" {
+		return serveUblk(t, d)
+	}
 	cd := &countingDisk{Disk: d}
 	srv, err := nbd.NewServer(nbd.Export{Name: id, Backend: cd})
 	if err != nil {
@@ -78,11 +87,47 @@ func serve(t *testing.T, d ploop.Disk, id string) *served {
 	return s
 }
 
+// serveUblk serves d through a ublk device with 4096-byte blocks, as the
+// driver's ublk attach path does.
+func serveUblk(t *testing.T, d ploop.Disk) *served {
+	t.Helper()
+	cd := &countingDisk{Disk: d}
+	ctrl, err := ublk.OpenControl()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ctrl.Close() })
+	u, err := ublk.Create(ctrl, cd, ublk.Options{BlockSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &served{ublk: u, disk: cd}
+	t.Cleanup(func() {
+		if s.dev != nil {
+			s.dev.Close()
+		}
+		u.Close() // idempotent; the scenario disconnects first
+	})
+	if s.dev, err = os.OpenFile(u.Path(), os.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // disconnect detaches the device; the backend may then be closed.
 func (s *served) disconnect(t *testing.T) {
 	t.Helper()
 	s.dev.Close()
 	s.dev = nil
+	if s.ublk != nil {
+		if err := s.ublk.Close(); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.ublk.Err(); err != nil {
+			t.Fatalf("the ublk device served with an error: %v", err)
+		}
+		return
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if err := s.att.Disconnect(ctx); err != nil {
