@@ -185,17 +185,3 @@ func (b reportingBackend) Discard(off, length int64) error {
 func (b reportingBackend) WriteZeroes(off, length int64, noHole bool) error {
 	return b.check(b.Backend.WriteZeroes(off, length, noHole))
 }
-
-// Transport is how the volume reaches the kernel: "nbd", "ublk", or ""
-// when it is not attached.
-func (v *Volume) Transport() string {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	switch v.att.(type) {
-	case nil:
-		return ""
-	case ublkDevice:
-		return "ublk"
-	}
-	return "nbd"
-}
