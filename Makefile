@@ -48,7 +48,7 @@ test: lint unit race fuzz-short
 # tests and their last lines, where a CI log that keeps only its head and
 # tail shows them.
 unit:
-	$(GO) run ./test/e2e/cmd/testreport -- $(GO) test -json -count=1 -timeout 40m ./...
+	$(GO) run ./test/e2e/cmd/testreport -- $(GO) test -json -count=1 -timeout 50m ./...
 
 # The race detector over the packages a long-lived node plugin runs
 # concurrently, in short mode. Skipped here, run once without -race by `unit`:

@@ -34,7 +34,8 @@ type Options struct {
 	Images []string
 	// MemoryMiB is the node VM's memory; default 4096.
 	MemoryMiB int
-	// Lifetime bounds the node VM; default 30 minutes.
+	// Lifetime bounds the node VM; default 40 minutes (under a loaded CI
+	// machine the flows took 39).
 	Lifetime time.Duration
 	// ReadyTimeout bounds the wait for the node to be Ready; default 5
 	// minutes.
@@ -98,7 +99,7 @@ func Start(t *testing.T, o Options) *Cluster {
 		o.MemoryMiB = 4096
 	}
 	if o.Lifetime == 0 {
-		o.Lifetime = 30 * time.Minute
+		o.Lifetime = 40 * time.Minute
 	}
 	if o.ReadyTimeout == 0 {
 		o.ReadyTimeout = 5 * time.Minute
