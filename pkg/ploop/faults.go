@@ -1,5 +1,7 @@
 package ploop
 
+import "os"
+
 // faultFunc, when set in the unexported options fields by a test, is asked
 // before each storage call of the files it covers: op is "open", "read",
 // "write", "sync", "punch", "zero" or "truncate", path the file; online
@@ -27,6 +29,10 @@ type faultyStorage struct {
 	path string
 	fail faultFunc
 }
+
+// ioFile refuses: I/O a server does on the file itself would miss the
+// faults.
+func (*faultyStorage) ioFile([]byte, int64) *os.File { return nil }
 
 func (s *faultyStorage) ReadAt(p []byte, off int64) (int, error) {
 	if err := s.fail("read", s.path); err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -100,7 +101,7 @@ func (m *onlineModel) checkView(t *testing.T, what string, disk []byte, from, to
 // The writers write only to the region phase selects (one of regions),
 // so that the copy-ups of a phase do not cover what earlier phases wrote
 // and merges must really move data.
-func onlineWriters(t *testing.T, s *Stack, m *onlineModel, writers int, phase *atomic.Int64, regions int, stop <-chan struct{}, progress chan<- struct{}) *sync.WaitGroup {
+func onlineWriters(t *testing.T, s io.WriterAt, m *onlineModel, writers int, phase *atomic.Int64, regions int, stop <-chan struct{}, progress chan<- struct{}) *sync.WaitGroup {
 	var wg sync.WaitGroup
 	var failed atomic.Bool
 	for w := range writers {
@@ -161,10 +162,16 @@ func TestStackOnline(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		raw, direct bool
+		// mapped writes as a ublk queue does: where MapWrite places
+		// them, else through WriteAt.
+		mapped bool
 	}{
-		{"ploop-base", false, false},
-		{"raw-base", true, false},
-		{"direct", false, true},
+		{"ploop-base", false, false, false},
+		{"raw-base", true, false, false},
+		{"direct", false, true, false},
+		{"mapped", false, false, true},
+		{"mapped-raw-base", true, false, true},
+		{"mapped-direct", false, true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "vol")
@@ -176,7 +183,12 @@ func TestStackOnline(t *testing.T) {
 			stop := make(chan struct{})
 			progress := make(chan struct{})
 			var phase atomic.Int64
-			wg := onlineWriters(t, s, m, writers, &phase, 8, stop, progress)
+			var w io.WriterAt = s
+			mio := &mappedIO{s: s}
+			if tc.mapped {
+				w = mio
+			}
+			wg := onlineWriters(t, w, m, writers, &phase, 8, stop, progress)
 			stopped := false
 			stopWriters := func() {
 				if !stopped {
@@ -281,6 +293,15 @@ func TestStackOnline(t *testing.T) {
 
 			final := readAll(t, s)
 			m.checkView(t, "final disk", final[:size], time.Now(), time.Now())
+			if tc.mapped {
+				if mio.mapped.Load() == 0 {
+					t.Fatal("no write was placed by MapWrite")
+				}
+				t.Logf("%d of the requests were placed by the mapper", mio.mapped.Load())
+				if got := readAll(t, mio); !bytes.Equal(got, final) {
+					t.Fatalf("mapped reads differ from ReadAt: %s", firstDiff(got, final))
+				}
+			}
 			want := make([]byte, size)
 			copy(want[100:], tail)
 			if !bytes.Equal(final[size:], want) {

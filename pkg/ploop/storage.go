@@ -43,6 +43,10 @@ type storage interface {
 	// cache, which is what lets a server splice them to a socket; nil for
 	// O_DIRECT storage.
 	pageCacheFile() *os.File
+	// ioFile is the open file when a server may read p from it or write
+	// p to it at off itself (mapped.go): always for buffered storage,
+	// only aligned requests for O_DIRECT; nil otherwise.
+	ioFile(p []byte, off int64) *os.File
 	Close() error
 }
 
@@ -97,6 +101,7 @@ type bufferedFile struct {
 }
 
 func (b *bufferedFile) pageCacheFile() *os.File                  { return b.f }
+func (b *bufferedFile) ioFile([]byte, int64) *os.File            { return b.f }
 func (b *bufferedFile) ReadAt(p []byte, off int64) (int, error)  { return b.f.ReadAt(p, off) }
 func (b *bufferedFile) WriteAt(p []byte, off int64) (int, error) { return b.f.WriteAt(p, off) }
 func (b *bufferedFile) ZeroRange(off, n int64) error {
@@ -144,6 +149,13 @@ func isAligned(p []byte, off int64) bool {
 }
 
 func (d *directFile) pageCacheFile() *os.File { return nil }
+
+func (d *directFile) ioFile(p []byte, off int64) *os.File {
+	if !isAligned(p, off) {
+		return nil
+	}
+	return d.f
+}
 
 func (d *directFile) ReadAt(p []byte, off int64) (int, error) {
 	if isAligned(p, off) {

@@ -38,7 +38,13 @@ func (d ublkDevice) Resize(int64) error {
 	return fmt.Errorf("resize %s: %w", d.Path(), ErrResizeUnsupported)
 }
 
-func (d ublkDevice) Disconnect(context.Context) error { return d.Close() }
+func (d ublkDevice) Disconnect(context.Context) error {
+	err := d.Close()
+	// How many requests skipped the thread hand-off: how to tell that a
+	// volume's I/O took the fast way.
+	klog.V(4).InfoS("serving: ublk device removed", "device", d.Path(), "placedRequests", d.Placed())
+	return err
+}
 
 // UblkOptions describe how a volume is served through ublk.
 type UblkOptions struct {
@@ -127,7 +133,11 @@ func (v *Volume) attachUblk(ctx context.Context, opts UblkOptions, re bool) erro
 	defer done()
 	var backend ublk.Backend = v.disk
 	if opts.OnIOError != nil {
-		backend = reportingBackend{Backend: v.disk, report: opts.OnIOError}
+		rb := reportingBackend{Backend: v.disk, report: opts.OnIOError}
+		backend = rb
+		if m, ok := v.disk.(ublk.FileMapper); ok {
+			backend = reportingMapper{rb, m}
+		}
 	}
 	start := time.Now()
 	var d *ublk.Device
@@ -157,6 +167,13 @@ func (v *Volume) attachUblk(ctx context.Context, opts UblkOptions, re bool) erro
 type reportingBackend struct {
 	ublk.Backend
 	report func(error)
+}
+
+// reportingMapper keeps the disk's mapped I/O: a mapped request that fails
+// is done again through ReadAt or WriteAt, which report.
+type reportingMapper struct {
+	reportingBackend
+	ublk.FileMapper
 }
 
 func (b reportingBackend) check(err error) error {

@@ -7,9 +7,13 @@
 // A Device is one /dev/ublkbN. Control commands (add, set parameters,
 // start, stop, delete) go through /dev/ublk-control; each hardware queue
 // has a thread that owns an io_uring on the device's char device
-// (/dev/ublkcN), fetches requests and commits their results, and a
-// goroutine per request doing the backend's I/O. Data moves by copy
-// between the request's pages and a buffer per request the queue maps.
+// (/dev/ublkcN), fetches requests and commits their results. A backend
+// that is a FileMapper (a ploop stack, image or raw file) says where a
+// read's or write's bytes are in a file, and the queue's ring reads or
+// writes them there itself; every other request (a flush, a discard, a
+// write that allocates) goes to a goroutine of its own that calls the
+// backend. Data moves by copy between the request's pages and a buffer per
+// request the queue maps.
 package ublk
 
 import (
@@ -84,11 +88,17 @@ type Device struct {
 	// failed is set by a backend's panic: from then on every request
 	// fails, since the backend's state may be half changed.
 	failed atomic.Bool
+	// placed counts the requests a FileMapper placed.
+	placed atomic.Uint64
 
 	mu     sync.Mutex
 	err    error // the first failure of a queue or a request
 	closed bool
 }
+
+// Placed is the number of requests served so far by the queues' rings in
+// a file a FileMapper named, without the backend's ReadAt or WriteAt.
+func (d *Device) Placed() uint64 { return d.placed.Load() }
 
 // Create adds a device for backend, starts serving it and returns once
 // the kernel has made the block device (Path).

@@ -143,13 +143,36 @@ func (p panicky) ReadAt(b []byte, off int64) (int, error) {
 	return p.Backend.ReadAt(b, off)
 }
 
-// testPanicIsolation: a backend's panic fails its own device (that request
-// and every later one: the backend's state may be half changed) and is
-// recorded in Err; another device of the same process keeps serving, and
-// both close cleanly.
+// panickyMapper panics where panicky does, but in MapRead: on the queue's
+// own thread.
+type panickyMapper struct{ *ploop.Raw }
+
+func (p panickyMapper) MapRead(b []byte, off int64) (*os.File, int64, func(), bool) {
+	if off >= 1<<20 && off < 2<<20 {
+		panic("injected")
+	}
+	return p.Raw.MapRead(b, off)
+}
+
+// testPanicIsolation: a backend's panic, in ReadAt or in MapRead, fails
+// its own device (that request and every later one: the backend's state
+// may be half changed) and is recorded in Err; another device of the same
+// process keeps serving, and both close cleanly.
 func testPanicIsolation(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		backend func() ublk.Backend
+	}{
+		{"ReadAt", func() ublk.Backend { return panicky{rawFile(t, 4<<20)} }},
+		{"MapRead", func() ublk.Backend { return panickyMapper{rawFile(t, 4<<20)} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testPanicIsolationOf(t, tc.backend()) })
+	}
+}
+
+func testPanicIsolationOf(t *testing.T, backend ublk.Backend) {
 	c := openControl(t)
-	bad := create(t, c, panicky{rawFile(t, 4<<20)}, ublk.Options{Queues: 1, Depth: 4})
+	bad := create(t, c, backend, ublk.Options{Queues: 1, Depth: 4})
 	good := create(t, c, rawFile(t, 4<<20), ublk.Options{Queues: 1, Depth: 4})
 	buf := alignedBuf(t, 4096)
 	rw := func(d *ublk.Device, write bool, off int64) error {
@@ -342,6 +365,10 @@ func testRawConcurrentVerify(t *testing.T, inline bool, blockSize int) {
 	clear(model[rng[0] : rng[0]+rng[1]])
 	compare("after a discard")
 	dev.Close()
+	// ploop.Raw is a FileMapper: its reads and writes are the ring's.
+	if d.Placed() == 0 {
+		t.Fatal("no request was placed in the file: the queues' rings did no I/O of their own")
+	}
 
 	closeGone(t, c, d)
 	got, err := os.ReadFile(raw.Path())

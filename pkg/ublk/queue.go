@@ -19,14 +19,29 @@ import (
 const (
 	kindIO    = 0
 	kindEvent = 1 << 32
+	kindFile  = 2 << 32
 )
+
+// FileMapper is a Backend that can say where a request's bytes are in a
+// file, so that the queue reads or writes them on its own ring: no hand-off
+// to another thread and back per request. ok false sends the request the
+// slow way (ReadAt, WriteAt), and so does a file I/O that fails or comes
+// up short, so that errors are the backend's to report. On ok, f nil means
+// the range reads as zeros; done is called once the I/O has ended, on the
+// queue's thread, so neither call may wait for anything a request in
+// flight holds.
+type FileMapper interface {
+	MapRead(p []byte, off int64) (f *os.File, fileOff int64, done func(), ok bool)
+	MapWrite(p []byte, off int64) (f *os.File, fileOff int64, done func(), ok bool)
+}
 
 // queue serves one hardware queue of a device: a goroutine locked to its
 // thread (ublk accepts a queue's commands only from the thread that
 // fetched first) that owns the queue's ring, and a goroutine per request
 // doing the backend's I/O. Finished requests go back to the ring thread
 // through done and an eventfd the ring reads, so the thread sleeps in one
-// place: io_uring_enter.
+// place: io_uring_enter. Reads and writes a FileMapper places in a file
+// skip the goroutine: the ring does them.
 type queue struct {
 	dev   *Device
 	id    uint16
@@ -40,6 +55,12 @@ type queue struct {
 	mu   sync.Mutex
 	done []completion
 
+	mapper FileMapper // nil when the backend is not one
+	// files holds, per tag, the file I/O in flight on the ring; owned by
+	// the ring thread.
+	files         []fileIO
+	filesInFlight int
+
 	stopping atomic.Bool
 	serving  sync.WaitGroup // requests being served; they write event last
 }
@@ -49,8 +70,17 @@ type completion struct {
 	res int32
 }
 
+type fileIO struct {
+	done func()
+	n    int32
+}
+
 func newQueue(d *Device, id uint16) (*queue, error) {
 	q := &queue{dev: d, id: id, depth: int(d.info.Depth), char: d.char, event: -1}
+	if m, ok := d.backend.(FileMapper); ok {
+		q.mapper = m
+		q.files = make([]fileIO, q.depth)
+	}
 	page := os.Getpagesize()
 	area := roundUp(maxQueueDepth*ioDescSize, page)
 	var err error
@@ -130,11 +160,16 @@ func (q *queue) run(fetched chan<- error) error {
 						fail = err
 					}
 				}
-			case res == ioResOK && q.dev.inline:
-				commits = append(commits, completion{tag, q.do(tag)})
+			case ud&kindFile != 0:
+				if q.fileDone(tag, res) {
+					commits = append(commits, completion{tag, res})
+				} else {
+					commits = q.slow(tag, commits)
+				}
 			case res == ioResOK:
-				q.serving.Add(1)
-				go q.serve(tag)
+				if !q.mapped(r, tag, &commits) {
+					commits = q.slow(tag, commits)
+				}
 			case res == ioResAbort:
 				aborted++
 			default:
@@ -153,8 +188,118 @@ func (q *queue) run(fetched chan<- error) error {
 			if r.Pending() > 0 {
 				r.Enter(0)
 			}
+			q.drainFiles(r)
 			return fail
 		}
+	}
+}
+
+// slow serves a request through the backend's calls: on the ring's thread
+// when inline (its completion joins commits), else on a goroutine.
+func (q *queue) slow(tag uint16, commits []completion) []completion {
+	if q.dev.inline {
+		return append(commits, completion{tag, q.do(tag)})
+	}
+	q.serving.Add(1)
+	go q.serve(tag)
+	return commits
+}
+
+// mapped starts a read or write the mapper places in a file on the ring,
+// or finishes one that reads zeros (its completion joins commits); false
+// when the request must go the slow way.
+func (q *queue) mapped(r *uring.Raw, tag uint16, commits *[]completion) (placed bool) {
+	if q.mapper == nil || q.dev.failed.Load() {
+		return false
+	}
+	defer q.recoverBackend(&placed)
+	d, err := decodeIODesc(q.descs[int(tag)*ioDescSize:], q.dev.sectors, q.dev.maxIO)
+	if err != nil {
+		return false // do reports it
+	}
+	if d.op != opRead && d.op != opWrite || d.sectors == 0 {
+		return false
+	}
+	// A read's or write's length is bounded by the buffer (decodeIODesc).
+	off, n := int64(d.start)<<9, int(d.sectors)<<9
+	buf := q.buf(tag)[:n]
+	var (
+		f       *os.File
+		fileOff int64
+		done    func()
+		ok      bool
+		op      uint8
+	)
+	switch {
+	case d.op == opRead:
+		f, fileOff, done, ok = q.mapper.MapRead(buf, off)
+		op = opReadFile
+	case d.op == opWrite && d.flags&ioFlagFUA == 0:
+		f, fileOff, done, ok = q.mapper.MapWrite(buf, off)
+		op = opWriteFile
+	}
+	if !ok {
+		return false
+	}
+	q.dev.placed.Add(1)
+	if f == nil {
+		if op != opReadFile {
+			done()
+			return false
+		}
+		clear(buf)
+		done()
+		*commits = append(*commits, completion{tag, int32(n)})
+		return true
+	}
+	fd := int(f.Fd())
+	if err := r.Push(func(sqe []byte) {
+		uring.PrepRW(sqe, op, fd, uint64(fileOff), addrOf(buf), uint32(n), kindFile|uint64(tag))
+	}); err != nil {
+		done()
+		return false
+	}
+	q.files[tag] = fileIO{done: done, n: int32(n)}
+	q.filesInFlight++
+	return true
+}
+
+// fileDone ends tag's file I/O; false when it did not move every byte.
+func (q *queue) fileDone(tag uint16, res int32) (ok bool) {
+	fi := q.files[tag]
+	q.files[tag] = fileIO{}
+	q.filesInFlight--
+	defer q.recoverBackend(&ok)
+	fi.done()
+	return res == fi.n
+}
+
+// recoverBackend, deferred around the mapper's calls on the ring's thread,
+// turns a panic into a failed device, as do does: the request then takes
+// the slow way, which fails it.
+func (q *queue) recoverBackend(ok *bool) {
+	if p := recover(); p != nil {
+		q.dev.failed.Store(true)
+		q.dev.fail(fmt.Errorf("panic placing a request: %v", p))
+		*ok = false
+	}
+}
+
+// drainFiles waits for the file I/O in flight and releases what it holds;
+// the requests are not committed (the kernel aborts them, or reissues them
+// to the next server). Should the ring fail meanwhile, what they hold stays
+// held: released early, a write still in flight could land in a file range
+// reused meanwhile.
+func (q *queue) drainFiles(r *uring.Raw) {
+	for q.filesInFlight > 0 {
+		if err := r.Enter(1); err != nil {
+			return
+		}
+		r.Reap(func(ud uint64, res int32) {
+			if ud&kindFile != 0 {
+				q.fileDone(uint16(ud), res)
+			}
+		})
 	}
 }
 

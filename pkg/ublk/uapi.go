@@ -9,9 +9,13 @@ import (
 
 var le = binary.LittleEndian
 
-// opReadFile is IORING_OP_READ, with which a queue's ring waits for its
-// eventfd.
-const opReadFile = 22
+// opReadFile and opWriteFile are IORING_OP_READ and IORING_OP_WRITE: a
+// queue's ring waits for its eventfd with the one, and does the I/O a
+// FileMapper places with both.
+const (
+	opReadFile  = 22
+	opWriteFile = 23
+)
 
 func addrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(&b[0])) }
 
