@@ -115,7 +115,12 @@ func (q *queue) run(fetched chan<- error) error {
 	runtime.LockOSThread()
 	// Never unlocked: the thread is the queue's server in the kernel's
 	// eyes, and ends with the goroutine.
-	r, err := uring.NewRaw(uint32(nextPow2(q.depth+1)), 0)
+	// The thread enters the ring only to wait for completions: let their
+	// work wait for it too. Kernels before 6.1 refuse the flags.
+	r, err := uring.NewRaw(uint32(nextPow2(q.depth+1)), uring.SetupSingleIssuer|uring.SetupDeferTaskrun)
+	if errors.Is(err, unix.EINVAL) {
+		r, err = uring.NewRaw(uint32(nextPow2(q.depth+1)), 0)
+	}
 	if err != nil {
 		fetched <- err
 		return err

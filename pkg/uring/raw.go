@@ -16,6 +16,12 @@ const (
 	// SetupSQE128 makes submission entries 128 bytes, room for the
 	// 80-byte commands of IORING_OP_URING_CMD (ublk's control commands).
 	SetupSQE128 = 1 << 10
+	// SetupSingleIssuer with SetupDeferTaskrun (Linux 6.1) let the
+	// kernel run a ring's completion work only when its one submitting
+	// thread enters to wait, instead of interrupting that thread for each
+	// completion.
+	SetupSingleIssuer = 1 << 12
+	SetupDeferTaskrun = 1 << 13
 
 	enterGetEvents = 1 << 0 // IORING_ENTER_GETEVENTS
 

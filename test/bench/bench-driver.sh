@@ -11,7 +11,9 @@
 #   3. ploop-csi's RSS with 0, 1 and 16 sparse 1 TiB volumes staged; goal
 #      at most 16 MiB per volume.
 # The VM boots Debian's 6.12 kernel, which has ublk: the fio table then has
-# a fourth device, the same image format served through ublk (pkg/ublk).
+# two more devices, a Block volume the driver attaches through ublk (goals
+# >= 3x the driver's nbd path and >= 0.6x loop) and a ploop image served
+# inline by pkg/ublk in the bench process.
 # It needs root and a kernel with nbd and loop, so it runs in the test VM
 # (test/e2e/vmtest; one boot) unless BENCH_DRIVER_VM=0 says to run it here.
 # Under software emulation (no KVM) the absolute numbers are the emulator's

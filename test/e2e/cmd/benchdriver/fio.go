@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -300,7 +301,8 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 		}
 		return cells
 	}
-	var missQemu, missLoop []string
+	var missQemu, missLoop, missUblkNBD, missUblkLoop []string
+	haveUblk := slices.ContainsFunc(devs, func(d fioDevice) bool { return d.name == "ploop-ublk" })
 	for _, j := range jobs {
 		f, prec := mibs, 1
 		if j.iops {
@@ -313,6 +315,14 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 		}
 		if !(p >= 0.8*l) {
 			missLoop = append(missLoop, j.label)
+		}
+		if u := medianOf(res[j.label]["ploop-ublk"], f); haveUblk {
+			if !(u >= 3*p) {
+				missUblkNBD = append(missUblkNBD, j.label)
+			}
+			if !(u >= 0.6*l) {
+				missUblkLoop = append(missUblkLoop, j.label)
+			}
 		}
 	}
 	pf := map[string][]fioResult{}
@@ -342,6 +352,11 @@ func (b *bench) benchFio(ctx context.Context) (string, error) {
 	t.notes = []string{
 		goal("ploop ≥ 1.00x qemu-nbd", len(jobs), missQemu),
 		goal("ploop ≥ 0.80x loop", len(jobs), missLoop),
+	}
+	if haveUblk {
+		t.notes = append(t.notes,
+			goal("ploop-ublk ≥ 3.00x ploop", len(jobs), missUblkNBD),
+			goal("ploop-ublk ≥ 0.60x loop", len(jobs), missUblkLoop))
 	}
 	if b.cfg.fioRamp == 0 {
 		t.notes = append(t.notes, "server CPU: user+system time of the serving process (ploop-csi, qemu-nbd, benchdriver for ublk) per request; lower is better, and less noisy than throughput on a busy host")
