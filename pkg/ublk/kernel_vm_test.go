@@ -54,6 +54,7 @@ func TestKernel(t *testing.T) {
 		{Name: "RecoverPloopExt4", Run: testRecoverPloopExt4},
 		{Name: "PanicIsolation", Run: testPanicIsolation},
 		{Name: "DeleteWaitsAlone", Run: testDeleteWaitsAlone},
+		{Name: "SelfTestSweeps", Run: testSelfTestSweeps},
 	})
 }
 

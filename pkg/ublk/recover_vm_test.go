@@ -440,3 +440,30 @@ func writeSynced(path string, data []byte) error {
 	}
 	return f.Close()
 }
+
+// testSelfTestSweeps: the device of a self-test whose process was killed
+// (a server without recovery, as the self-test's is) is removed by the
+// next self-test, which then passes and leaves nothing behind.
+func testSelfTestSweeps(t *testing.T) {
+	raw := rawFile(t, 1<<20)
+	path := raw.Path()
+	raw.Close()
+	c := openControl(t)
+	h := startHelper(t, "serve", path, ublk.SelfTestTag, "PLOOP_CSI_UBLK_NORECOVER=1")
+	h.cmd.Process.Kill()
+	h.cmd.Wait()
+	testcmd.WaitFor(t, time.Minute, "the kernel to see the killed self-test's server die", func() (bool, error) {
+		info, err := c.Info(h.id)
+		return err == nil && info.State != ublk.StateLive, err
+	})
+	if err := ublk.SelfTest(c); err != nil {
+		t.Fatalf("self-test with a leftover: %v", err)
+	}
+	left, err := c.Find(ublk.SelfTestTag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(left) > 0 {
+		t.Fatalf("self-test devices left after a self-test: %+v", left)
+	}
+}

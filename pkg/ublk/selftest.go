@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,10 +17,20 @@ import (
 // (reissue).
 const RecoveryFeatures = FlagUserRecovery | FlagUserRecoveryReissue
 
+// SelfTestTag marks the self-test's device (the kernel keeps it with the
+// device, as Options.Tag), so that a self-test whose process died mid-way
+// leaves nothing the next one does not remove.
+const SelfTestTag uint64 = 0x74732d706f6f6c70 // "ploop-st"
+
+// sweepTimeout bounds the wait for one leftover's deletion, which the
+// kernel holds back while anyone still has the device open.
+const sweepTimeout = 5 * time.Second
+
 // SelfTest proves that this kernel's ublk works for us before volumes
 // depend on it: the driver has the recovery features, and a small device
 // served from memory takes a direct write and reads it back through the
-// block device. It leaves no device behind.
+// block device. It leaves no device behind, and first removes what earlier
+// self-tests that died left.
 func SelfTest(ctrl *Control) error {
 	feat, err := ctrl.Features()
 	if err != nil {
@@ -28,13 +39,40 @@ func SelfTest(ctrl *Control) error {
 	if feat&RecoveryFeatures != RecoveryFeatures {
 		return fmt.Errorf("ublk self-test: the kernel's ublk lacks user recovery with reissue (features %#x), so a restart of the server would fail I/O", feat)
 	}
+	sweepSelfTests(ctrl)
 	mem := &memBackend{data: make([]byte, 1<<20)}
-	d, err := Create(ctrl, mem, Options{Queues: 1, Depth: 4, BlockSize: 4096})
+	d, err := Create(ctrl, mem, Options{Queues: 1, Depth: 4, BlockSize: 4096, Tag: SelfTestTag})
 	if err != nil {
 		return fmt.Errorf("ublk self-test: %w", err)
 	}
 	err = checkDirectIO(d.Path())
 	return errors.Join(err, d.Close())
+}
+
+// sweepSelfTests deletes the devices of earlier self-tests that are no
+// longer served: a live one may be another process's self-test under way.
+// What it cannot delete now (someone holds it) stays for the next sweep;
+// the self-test goes on regardless, since a leftover says nothing about
+// whether ublk works.
+func sweepSelfTests(ctrl *Control) {
+	found, err := ctrl.Find(SelfTestTag)
+	if err != nil {
+		return
+	}
+	for _, info := range found {
+		if info.State == StateLive {
+			continue
+		}
+		// A server that died leaves its device quiesced or dead; stop
+		// fails on one already stopped, which is what delete wants.
+		ctrl.Stop(info.ID)
+		done := make(chan error, 1)
+		go func() { done <- ctrl.Delete(info.ID) }()
+		select {
+		case <-done:
+		case <-time.After(sweepTimeout):
+		}
+	}
 }
 
 // checkDirectIO writes a block to dev with O_DIRECT and reads it back.
